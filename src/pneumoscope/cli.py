@@ -1,0 +1,189 @@
+"""The ``pneumoscope`` command line: thin, each subcommand calls one library function.
+
+Errors a user can cause (bad file, bad config key, missing data) are printed as one line
+``pneumoscope: error: <file or key>: <problem>`` with exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pneumoscope import __version__
+from pneumoscope.errors import PneumoscopeError
+
+log = logging.getLogger("pneumoscope.cli")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose >= 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    for noisy in ("PIL", "matplotlib", "urllib3", "httpx", "timm"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _data_arg(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    help_ = "dataset folder (Kaggle layout, class folders) or CSV; default $PNEUMOSCOPE_DATA"
+    if positional:
+        p.add_argument("data", nargs="?", default=None, help=help_)
+    else:
+        p.add_argument("--data", default=None, help=help_)
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from pneumoscope.data.check import check_command
+
+    return check_command(args.data, Path(args.out), manifest_out=Path(args.manifest) if args.manifest else None,
+                         val_fraction=args.val_fraction, seed=args.seed)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pneumoscope.data.paths import resolve_data_root
+    from pneumoscope.train.fit import train_from_files
+
+    root = resolve_data_root(args.data)
+    summary = train_from_files(args.config, args.set or [], args.out, root, resume=args.resume,
+                               progress=not args.no_progress)
+    vm = summary.get("val_metrics", {})
+    log.info("run: %s | best epoch %s | val AUROC %s", summary.get("run_dir"), summary.get("best_epoch"),
+             vm.get("auroc", vm.get("macro_auroc")))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pneumoscope.data.paths import resolve_data_root
+    from pneumoscope.evaluate.run import evaluate_model
+
+    res = evaluate_model(args.run, resolve_data_root(args.data), split=args.split, out=args.out,
+                         bootstrap=args.bootstrap, tta=args.tta, refer_fraction=args.refer_fraction,
+                         progress=not args.no_progress)
+    sys.stdout.write(Path(res["out_dir"], "metrics.md").read_text())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pneumoscope.pipeline import main_job
+
+    return main_job(args.data, Path(args.out), config=args.config, overrides=args.set or [],
+                    progress=not args.no_progress)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pneumoscope.report.html import build_report
+
+    path = build_report(args.run, args.out, data_check_dir=args.data_check)
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pneumoscope.report.compare import compare_runs
+
+    df = compare_runs(args.runs, args.out, split=args.split)
+    sys.stdout.write(df.to_markdown(index=False, floatfmt=".4f") + "\n")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from pneumoscope.models import get_card, list_models
+
+    for name in list_models(args.pattern):
+        card = get_card(name)
+        sources = ", ".join(w.kind + ":" + w.ident for w in card.weights) or "none (trained from scratch)"
+        sys.stdout.write(f"{name:22s} {card.family:18s} {card.input_size:4d}px  weights: {sources}\n")
+    return 0
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    from pneumoscope.config import builtin_configs
+
+    sys.stdout.write("\n".join(builtin_configs()) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pneumoscope", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"pneumoscope {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-q", "--quiet", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    chk = data.add_parser("check", help="scan a dataset: counts, corrupt files, duplicates, patient overlap")
+    _data_arg(chk, positional=True)
+    chk.add_argument("--out", default="out/data_check", help="folder for JSON, Markdown and PNG figures")
+    chk.add_argument("--manifest", default=None, help="where to save the manifest (.parquet or .csv)")
+    chk.add_argument("--val-fraction", type=float, default=0.15)
+    chk.add_argument("--seed", type=int, default=0)
+    chk.set_defaults(func=cmd_data_check)
+
+    tr = sub.add_parser("train", help="train a model from a config")
+    tr.add_argument("--config", default="default", help="built-in config name or YAML path")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    tr.add_argument("--out", default=None, help="run directory (default runs/<name>-<time>)")
+    tr.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a killed or finished run")
+    tr.add_argument("--no-progress", action="store_true")
+    _data_arg(tr)
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="evaluate a trained model on a labelled split (default: test)")
+    ev.add_argument("run", help="run directory, checkpoint directory or exported model")
+    _data_arg(ev)
+    ev.add_argument("--split", default="test", help="test | val | train | all (default test)")
+    ev.add_argument("--out", default=None, help="output folder (default RUN/eval/SPLIT)")
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (patients)")
+    ev.add_argument("--tta", type=int, default=8, help="test-time augmentation samples for uncertainty (0: off)")
+    ev.add_argument("--refer-fraction", type=float, default=0.1,
+                    help="fraction of validation cases flagged 'refer' (sets the uncertainty cut-off)")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
+
+    rn = sub.add_parser("run", help="the main job: data check, train, evaluate on test, report")
+    _data_arg(rn)
+    rn.add_argument("--out", default="out", help="output folder")
+    rn.add_argument("--config", default="default")
+    rn.add_argument("--set", action="append", metavar="KEY=VALUE")
+    rn.add_argument("--no-progress", action="store_true")
+    rn.set_defaults(func=cmd_run)
+
+    rp = sub.add_parser("report", help="one self-contained HTML report for a run")
+    rp.add_argument("run")
+    rp.add_argument("--out", default=None, help="HTML path (default RUN/report.html)")
+    rp.add_argument("--data-check", default=None, help="data check folder to include")
+    rp.set_defaults(func=cmd_report)
+
+    cp = sub.add_parser("compare", help="compare evaluated runs (table + overlaid ROC curves)")
+    cp.add_argument("runs", nargs="+")
+    cp.add_argument("--out", default="out/compare")
+    cp.add_argument("--split", default="test")
+    cp.set_defaults(func=cmd_compare)
+
+    md = sub.add_parser("models", help="list registered models")
+    md.add_argument("pattern", nargs="?", default="*")
+    md.set_defaults(func=cmd_models)
+
+    cf = sub.add_parser("configs", help="list built-in configs")
+    cf.set_defaults(func=cmd_configs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(-1 if args.quiet else args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except PneumoscopeError as err:
+        sys.stderr.write(f"pneumoscope: error: {err}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("pneumoscope: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

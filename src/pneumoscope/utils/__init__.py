@@ -1,0 +1,1 @@
+"""Small helpers used across the package (atomic file writes, locks, hashing, logging)."""

@@ -1,0 +1,67 @@
+"""Shared fixtures: where the real X-rays are, and small copies of them for layout tests.
+
+Tests read the real images from ``../shared/data`` (or ``$PNEUMOSCOPE_DATA``) and never copy the
+dataset into the repository. When the folder is absent the tests that need it are skipped with a
+reason that says where to get it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_SHARED = REPO.parent / "shared" / "data"
+
+
+def _data_root() -> Path:
+    env = os.environ.get("PNEUMOSCOPE_DATA")
+    return Path(env) if env else _SHARED / "chest_xray"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The Kermany/Kaggle ``chest_xray`` folder (train/test × NORMAL/PNEUMONIA)."""
+    root = _data_root()
+    if not (root / "train").is_dir():
+        pytest.skip(
+            f"chest X-ray data not found at {root}: set PNEUMOSCOPE_DATA to the Kaggle "
+            "'chest-xray-pneumonia' folder (or Mendeley doi:10.17632/rscbjbr9sj.2)"
+        )
+    return root
+
+
+@pytest.fixture(scope="session")
+def fullres_root() -> Path:
+    """22 original full-resolution radiographs (grayscale and RGB, 462-1820 px)."""
+    root = _SHARED / "chest_xray_fullres_sample"
+    if not root.is_dir():
+        pytest.skip(f"full-resolution sample not found at {root}")
+    return root
+
+
+def pick_images(root: Path, split: str, cls: str, n: int, contains: str = "") -> list[Path]:
+    """The first ``n`` images (sorted, deterministic) of ``root/split/cls`` whose name contains ``contains``."""
+    files = sorted(p for p in (root / split / cls).iterdir() if contains in p.name)
+    return files[:n]
+
+
+@pytest.fixture(scope="session")
+def pick():
+    """:func:`pick_images` as a fixture (test modules cannot import conftest reliably)."""
+    return pick_images
+
+
+@pytest.fixture()
+def small_kermany(tmp_path: Path, data_root: Path) -> Path:
+    """A Kermany-layout tree of 60 real images (symlinks), patients kept whole: 20 normal, 20 bacterial, 20 viral."""
+    root = tmp_path / "chest_xray"
+    for split, n in (("train", 16), ("test", 4)):
+        for cls, contains in (("NORMAL", ""), ("PNEUMONIA", "bacteria"), ("PNEUMONIA", "virus")):
+            dst = root / split / cls
+            dst.mkdir(parents=True, exist_ok=True)
+            for src in pick_images(data_root, split, cls, n, contains):
+                (dst / src.name).symlink_to(src)
+    return root

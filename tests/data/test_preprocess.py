@@ -1,0 +1,60 @@
+"""Deterministic preprocessing and the train/eval presets."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pneumoscope.data.imageio import decode_image
+from pneumoscope.data.preprocess import PreprocessSpec, preprocess, resize_gray
+from pneumoscope.data.presets import AugmentSpec, EvalPreset, TrainPreset
+
+
+def test_squash_and_pad_on_a_full_resolution_image(fullres_root):
+    f = sorted(fullres_root.rglob("*.jp*g"))[0]
+    img = decode_image(f)
+    sq = preprocess(img, PreprocessSpec(size=128))
+    pad = preprocess(img, PreprocessSpec(size=128, resize="pad"))
+    assert sq.shape == pad.shape == (128, 128) and sq.dtype == np.uint8
+    h, w = img.shape
+    if h != w:  # padding keeps the aspect ratio: a uniform band on the short side
+        band = pad[:, :2] if h > w else pad[:2, :]
+        assert band.std() < 1.0
+
+
+def test_preprocessing_is_deterministic_and_spec_key_changes(data_root):
+    f = sorted((data_root / "train" / "NORMAL").iterdir())[0]
+    img = decode_image(f)
+    s1 = PreprocessSpec(size=96, clahe=True, blur_sigma=0.8)
+    a, b = preprocess(img, s1), preprocess(img, s1)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, preprocess(img, PreprocessSpec(size=96)))
+    assert s1.key() != PreprocessSpec(size=96).key() and s1.key() == PreprocessSpec(size=96, clahe=True, blur_sigma=0.8).key()
+
+
+def test_resize_pad_centres_a_wide_image():
+    img = np.full((50, 100), 200, np.uint8)
+    out = resize_gray(img, 40, "pad")
+    assert out.shape == (40, 40) and (out[10:30] == 200).all()
+
+
+def test_train_preset_changes_images_and_respects_seed():
+    x = torch.arange(64 * 64, dtype=torch.int64).reshape(1, 64, 64).remainder(255).to(torch.uint8)
+    aug = TrainPreset(AugmentSpec())
+    torch.manual_seed(0)
+    a = aug(x)
+    torch.manual_seed(0)
+    b = aug(x)
+    assert a.dtype == torch.uint8 and a.shape == x.shape
+    assert torch.equal(a, b) and not torch.equal(a, x)
+    off = TrainPreset(AugmentSpec(hflip=0, rotate=0, translate=0, scale_min=1, scale_max=1, brightness=0, contrast=0))
+    assert torch.equal(off(x), x) and not off.spec.enabled
+
+
+def test_eval_preset_normalises_with_card_statistics():
+    u8 = torch.full((2, 8, 8), 255, dtype=torch.uint8)
+    x = EvalPreset(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), in_chans=3)(u8)
+    assert x.shape == (2, 3, 8, 8) and torch.allclose(x, torch.ones_like(x))
+    x1 = EvalPreset(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), in_chans=1)(u8)
+    assert x1.shape == (2, 1, 8, 8)
+    assert torch.allclose(x1, torch.full_like(x1, (1 - 0.449) / 0.226), atol=1e-3)

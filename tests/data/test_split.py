@@ -1,0 +1,168 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pneumoscope.data.manifest import Manifest
+from pneumoscope.data.names import parse_filename
+from pneumoscope.data.split import group_ids, patient_split
+from pneumoscope.errors import ConfigError, DatasetError
+
+# The published 16-image val folder (not in the shared copy): same naming, its own patients.
+OFFICIAL_VAL = [f"NORMAL2-IM-{1427 + i:04d}-0001.jpeg" for i in range(8)] + [
+    f"person{1946 + i}_bacteria_{4874 + i}.jpeg" for i in range(8)
+]
+
+
+def _row(path: str, split: str, cls: str) -> dict[str, object]:
+    info = parse_filename(os.path.basename(path), folder_label=cls)
+    return {
+        "path": path, "split": split, "official_split": split, "label": info.label,
+        "subtype": info.subtype, "patient_id": info.patient_id, "patient_source": info.patient_source,
+        "width": 224, "height": 224, "mode": "RGB", "content_hash": f"c:{path}", "pixel_hash": f"p:{path}",
+        "status": "ok", "error": "",
+    }
+
+
+@pytest.fixture(scope="module")
+def kermany_names(data_root: Path) -> Manifest:
+    """The real file names and patients (no decoding needed for a split) plus an official val folder."""
+    rows = [
+        _row(str(data_root / split / cls / name), split, cls)
+        for split in ("train", "test")
+        for cls in ("NORMAL", "PNEUMONIA")
+        for name in sorted(os.listdir(data_root / split / cls))
+    ]
+    rows += [_row(f"/val/{'NORMAL' if n.startswith('N') else 'PNEUMONIA'}/{n}", "val",
+                  "NORMAL" if n.startswith("N") else "PNEUMONIA") for n in OFFICIAL_VAL]
+    return Manifest(pd.DataFrame(rows), data_root, "kermany", ["NORMAL", "PNEUMONIA"])
+
+
+@pytest.fixture(scope="module")
+def split_df(kermany_names: Manifest):  # noqa: ANN201
+    """``split_df(seed)``: the default split of the real names, computed once per seed (~1 s each)."""
+    cache: dict[int, pd.DataFrame] = {}
+
+    def get(seed: int) -> pd.DataFrame:
+        if seed not in cache:
+            cache[seed] = patient_split(kermany_names, val_fraction=0.15, seed=seed).df
+        return cache[seed]
+
+    return get
+
+
+def test_no_patient_on_both_sides_and_test_untouched(kermany_names: Manifest, split_df) -> None:
+    out = split_df(0)
+    before = kermany_names.df
+    train_p = set(out.loc[out["split"] == "train", "patient_id"])
+    val_p = set(out.loc[out["split"] == "val", "patient_id"])
+    assert train_p and val_p and not (train_p & val_p)
+    test = out["official_split"] == "test"
+    pd.testing.assert_frame_equal(out[test], before[test])
+    assert set(out.loc[~test, "split"]) == {"train", "val"}
+    assert len(out) == len(before)
+
+
+def test_official_val_joins_the_pool(split_df) -> None:
+    sides = []
+    for seed in range(4):
+        out = split_df(seed)
+        official_val = out[out["official_split"] == "val"]
+        assert len(official_val) == 16
+        sides.append(set(official_val["split"]))
+    # some of the old val images are trained on: the folder is part of the pool, not kept as is
+    assert any("train" in s for s in sides)
+
+
+def test_stratified_within_two_percent(split_df) -> None:
+    for seed in (0, 1, 2):
+        out = split_df(seed)
+        pool = out[out["official_split"].isin(["train", "val"])]
+        val = pool[pool["split"] == "val"]
+        assert 0.12 <= len(val) / len(pool) <= 0.18
+        pool_share = pool["subtype"].value_counts(normalize=True)
+        val_share = val["subtype"].value_counts(normalize=True)
+        for subtype in ("normal", "bacterial", "viral"):
+            assert abs(val_share[subtype] - pool_share[subtype]) <= 0.02, (seed, subtype)
+
+
+def test_val_fraction_is_followed(kermany_names: Manifest) -> None:
+    out = patient_split(kermany_names, val_fraction=0.25, seed=0).df
+    pool = out[out["official_split"].isin(["train", "val"])]
+    assert 0.22 <= (pool["split"] == "val").mean() <= 0.28
+
+
+def test_same_seed_same_split_other_seed_other_split(kermany_names: Manifest) -> None:
+    a = patient_split(kermany_names, seed=7).df["split"]
+    b = patient_split(kermany_names, seed=7).df["split"]
+    c = patient_split(kermany_names, seed=8).df["split"]
+    pd.testing.assert_series_equal(a, b)
+    assert (a != c).sum() > 100
+
+
+def test_returns_a_new_manifest(kermany_names: Manifest) -> None:
+    before = kermany_names.df["split"].copy()
+    out = patient_split(kermany_names, seed=0)
+    assert out is not kermany_names
+    pd.testing.assert_series_equal(kermany_names.df["split"], before)
+    assert (out.root, out.layout, out.class_names) == (kermany_names.root, "kermany", ["NORMAL", "PNEUMONIA"])
+
+
+def _toy(n_patients: int = 40) -> pd.DataFrame:
+    rows = []
+    for i in range(n_patients):
+        cls = "NORMAL" if i % 2 else "PNEUMONIA"
+        for k in range(2):
+            name = f"IM-{i:04d}-000{k}.jpeg" if cls == "NORMAL" else f"person{i}_bacteria_{2 * i + k}.jpeg"
+            rows.append(_row(f"/t/train/{cls}/{name}", "train", cls))
+    return pd.DataFrame(rows)
+
+
+def test_pixel_identical_images_of_different_patients_stay_together() -> None:
+    df = _toy()
+    df.loc[0, "pixel_hash"] = df.loc[7, "pixel_hash"] = "same-pixels"
+    assert df.loc[0, "patient_id"] != df.loc[7, "patient_id"]
+    groups = group_ids(df)
+    assert groups[0] == groups[7] == groups[6]  # row 6 is row 7's patient: the whole patient joins
+    manifest = Manifest(df, Path("/t"), "kermany", ["NORMAL", "PNEUMONIA"])
+    for seed in range(10):
+        out = patient_split(manifest, val_fraction=0.2, seed=seed).df
+        assert out.loc[0, "split"] == out.loc[7, "split"] == out.loc[6, "split"]
+
+
+def test_error_rows_are_kept_and_follow_their_patient() -> None:
+    df = _toy()
+    df.loc[1, ["status", "error", "pixel_hash"]] = ["error", "truncated JPEG", ""]
+    extra = _row("/t/train/NORMAL/lonely.jpeg", "train", "NORMAL") | {"status": "error", "error": "empty file (0 bytes)"}
+    df = pd.concat([df, pd.DataFrame([extra])], ignore_index=True)
+    manifest = Manifest(df, Path("/t"), "kermany", ["NORMAL", "PNEUMONIA"])
+    for seed in range(5):
+        out = patient_split(manifest, val_fraction=0.2, seed=seed).df
+        assert len(out) == len(df)
+        assert out.loc[1, "split"] == out.loc[0, "split"]  # same patient as row 0
+        assert out.iloc[-1]["split"] == "train"  # a patient with no readable image
+
+
+def test_bad_arguments_and_too_few_patients() -> None:
+    manifest = Manifest(_toy(), Path("/t"), "kermany", ["NORMAL", "PNEUMONIA"])
+    with pytest.raises(ConfigError, match="val_fraction"):
+        patient_split(manifest, val_fraction=1.5)
+    with pytest.raises(ConfigError, match="stratify_on"):
+        patient_split(manifest, stratify_on="colour")
+    one = Manifest(_toy().iloc[:2], Path("/t"), "kermany", ["NORMAL", "PNEUMONIA"])
+    with pytest.raises(DatasetError, match="1 patient"):
+        patient_split(one)
+
+
+def test_few_patients_still_split(small_kermany: Path) -> None:
+    from pneumoscope.data.scan import scan_dataset
+
+    out = patient_split(scan_dataset(small_kermany, progress=False), seed=0).df
+    pool = out[out["official_split"] == "train"]
+    assert set(pool["split"]) == {"train", "val"}
+    assert not set(pool.loc[pool["split"] == "val", "patient_id"]) & set(pool.loc[pool["split"] == "train", "patient_id"])
+    assert np.isin(out.loc[out["official_split"] == "test", "split"], ["test"]).all()

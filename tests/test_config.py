@@ -1,0 +1,53 @@
+"""Config: built-in presets validate; unknown keys, wrong types and out-of-range values name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from pneumoscope.config import builtin_configs, load_config
+from pneumoscope.errors import ConfigError
+
+
+def test_every_builtin_config_validates():
+    names = builtin_configs()
+    assert {"default", "smoke", "seed-cnn3", "seed-resnet18", "seed-cnn5-focal", "seed-resnet50",
+            "seed-efficientnet"} <= set(names)
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.train.phases, name
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lr=0.1", "train.lr: unknown key"),
+    ("train.batch_size=abc", "train.batch_size"),
+    ("train.phases.0.lr=-1", "train.phases.0.lr"),
+    ("model.head=transformer", "model.head"),
+    ("eval.threshold_rule=sensitivity", "eval.threshold_target"),
+    ("nonsense=1", "nonsense: unknown key"),
+])
+def test_bad_values_are_rejected_with_the_key_name(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config("default", [override])
+    assert key in str(err.value)
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config("default", ["train.phases.0.epochs=3", "model.pretrained=false", "train.weight_decay=3e-4"])
+    assert cfg.train.phases[0].epochs == 3
+    assert cfg.model.pretrained is False
+    assert cfg.train.weight_decay == pytest.approx(3e-4)
+
+
+def test_yaml_file_with_base(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("base: default\nname: mine\ntrain:\n  batch_size: 8\n")
+    cfg = load_config(p)
+    assert cfg.name == "mine" and cfg.train.batch_size == 8
+    assert cfg.model.name == "efficientnet_lite0"  # inherited
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="built-in"):
+        load_config("no-such-preset")
