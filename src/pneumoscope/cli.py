@@ -25,6 +25,11 @@ def _setup_logging(verbose: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars on an interactive terminal; logs only when output goes to a file or CI."""
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+
+
 def _data_arg(p: argparse.ArgumentParser, positional: bool = False) -> None:
     help_ = "dataset folder (Kaggle layout, class folders) or CSV; default $PNEUMOSCOPE_DATA"
     if positional:
@@ -38,7 +43,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from pneumoscope.data.check import check_command
 
     return check_command(args.data, Path(args.out), manifest_out=Path(args.manifest) if args.manifest else None,
-                         val_fraction=args.val_fraction, seed=args.seed)
+                         val_fraction=args.val_fraction, seed=args.seed,
+                         progress=_progress(args))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -47,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     root = resolve_data_root(args.data)
     summary = train_from_files(args.config, args.set or [], args.out, root, resume=args.resume,
-                               progress=not args.no_progress)
+                               progress=_progress(args))
     vm = summary.get("val_metrics", {})
     log.info("run: %s | best epoch %s | val AUROC %s", summary.get("run_dir"), summary.get("best_epoch"),
              vm.get("auroc", vm.get("macro_auroc")))
@@ -60,7 +66,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     res = evaluate_model(args.run, resolve_data_root(args.data), split=args.split, out=args.out,
                          bootstrap=args.bootstrap, tta=args.tta, refer_fraction=args.refer_fraction,
-                         progress=not args.no_progress)
+                         progress=_progress(args))
     sys.stdout.write(Path(res["out_dir"], "metrics.md").read_text())
     return 0
 
@@ -69,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pneumoscope.pipeline import main_job
 
     return main_job(args.data, Path(args.out), config=args.config, overrides=args.set or [],
-                    progress=not args.no_progress)
+                    progress=_progress(args))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -86,6 +92,32 @@ def cmd_compare(args: argparse.Namespace) -> int:
     df = compare_runs(args.runs, args.out, split=args.split)
     sys.stdout.write(df.to_markdown(index=False, floatfmt=".4f") + "\n")
     return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pneumoscope.predict import predict_command
+
+    return predict_command(args.model, args.inputs, out=args.out, batch_size=args.batch_size, cam=args.cam,
+                           tta=args.tta, progress=_progress(args))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pneumoscope.export import export_command
+
+    return export_command(args.run, args.out, opset=args.opset, check=args.check, include_weights=not args.no_weights)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pneumoscope.serve.app import serve_command
+
+    return serve_command(args.model, host=args.host, port=args.port, max_upload_bytes=args.max_upload_bytes,
+                         cors_origins=args.cors_origin)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pneumoscope.explain.command import explain_command
+
+    return explain_command(args.run, args.images, args.out, method=args.method, target=args.target)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -161,6 +193,41 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--out", default="out/compare")
     cp.add_argument("--split", default="test")
     cp.set_defaults(func=cmd_compare)
+
+    pr = sub.add_parser("predict", help="predict on X-ray files, folders or a CSV (JPEG/PNG/DICOM)")
+    pr.add_argument("inputs", nargs="+", help="files, folders (recursive) or a CSV with a 'path' column")
+    pr.add_argument("--model", default=None, help="run, checkpoint or exported model (default: the bundled model)")
+    pr.add_argument("--out", default=None, help="CSV/JSON path or folder for predictions")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--cam", action="store_true", help="also write Grad-CAM overlays")
+    pr.add_argument("--tta", type=int, default=0, help="test-time augmentation samples (uncertainty)")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", help="export a model to ONNX with a parity check against PyTorch")
+    ex.add_argument("run")
+    ex.add_argument("--format", choices=["onnx"], default="onnx")
+    ex.add_argument("--out", required=True, help="output directory")
+    ex.add_argument("--opset", type=int, default=17)
+    ex.add_argument("--check", nargs="*", default=None, help="images for the parity check (default: 16 from the dataset)")
+    ex.add_argument("--no-weights", action="store_true", help="do not copy the safetensors weights beside the ONNX file")
+    ex.set_defaults(func=cmd_export)
+
+    sv = sub.add_parser("serve", help="REST API + web page (FastAPI/uvicorn)")
+    sv.add_argument("model", nargs="?", default=None, help="run, checkpoint or exported model (default: bundled)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-upload-bytes", type=int, default=20_000_000)
+    sv.add_argument("--cors-origin", action="append", default=None, help="allowed CORS origin (off by default)")
+    sv.set_defaults(func=cmd_serve)
+
+    xp = sub.add_parser("explain", help="Grad-CAM overlays (image, heatmap, blend) as PNG")
+    xp.add_argument("run", help="run, checkpoint or model directory")
+    xp.add_argument("images", nargs="+")
+    xp.add_argument("--out", default="out/explain")
+    xp.add_argument("--method", default="gradcam", help="gradcam | gradcam++ | xgradcam | eigencam | layercam")
+    xp.add_argument("--target", default=None, help="class name to explain (default: the predicted class)")
+    xp.set_defaults(func=cmd_explain)
 
     md = sub.add_parser("models", help="list registered models")
     md.add_argument("pattern", nargs="?", default="*")

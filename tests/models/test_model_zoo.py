@@ -19,6 +19,7 @@ from pneumoscope.errors import ModelError
 from pneumoscope.models import (
     PneumoNet,
     build_from_spec,
+    convert_sync_batchnorm,
     create_model,
     get_card,
     list_models,
@@ -65,11 +66,21 @@ def test_card_matches_model(fresh: PneumoNet) -> None:
     assert isinstance(first, nn.Conv2d) and first.in_channels == card.in_chans
     assert len(card.mean) == len(card.std) == card.in_chans
     fresh.eval()
-    with torch.no_grad():
-        feats = fresh.forward_features(_input(fresh))
-        assert fresh.head.forward_pre_logits(feats).shape == (2, card.num_features)
+    seen: list[torch.Tensor] = []
+    hook = fresh.get_submodule(card.cam_layer).register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            feats = fresh.forward_features(_input(fresh))
+            assert fresh.head.forward_pre_logits(feats).shape == (2, card.num_features)
+    finally:
+        hook.remove()
+    (cam,) = seen
     if card.cam_reshape is None:
         assert feats.ndim == 4, "CNN stages must end with an unpooled feature map"
+        assert cam.ndim == 4 and cam.shape[-1] >= feats.shape[-1], "CAM layer must be a spatial map"
+    else:  # 'vit': class token + a square grid of patch tokens
+        side = SIZE // 16
+        assert cam.shape[:2] == (2, 1 + side * side)
 
 
 def test_forward_backward(fresh: PneumoNet) -> None:
@@ -176,3 +187,17 @@ def test_fp16_weights_load_into_fp32_model(tmp_path: Path) -> None:
     assert restored.stages[0].bn1.num_batches_tracked.dtype == torch.int64
     with torch.no_grad():
         torch.testing.assert_close(restored(x), model(x), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18"])
+def test_convert_sync_batchnorm_keeps_outputs(name: str) -> None:
+    """torch's converter drops timm's fused BN activation (ReLU6); ours must not change outputs."""
+    model = create_model(name).eval()
+    x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(x)
+        converted = convert_sync_batchnorm(model).eval()
+        assert converted is model and isinstance(converted, PneumoNet)
+        assert any(isinstance(m, nn.SyncBatchNorm) for m in converted.modules())
+        torch.testing.assert_close(converted(x), expected, rtol=0, atol=0)
+

@@ -10,8 +10,10 @@ ch. 13).
 
 Resampling is written here (scikit-learn has no bootstrap). A resample is represented by how many
 times each image occurs in it (a row of a (B, N) count matrix); metric functions that carry a
-``batched`` attribute (as :func:`pneumoscope.evaluate.metrics.binary_metrics` does) evaluate all
-resamples in one vectorised pass, everything else is called once per resample.
+``batched`` attribute (as :func:`~pneumoscope.evaluate.metrics.binary_metrics` and
+:func:`~pneumoscope.evaluate.metrics.multiclass_metrics` do, also inside ``functools.partial``)
+evaluate all resamples in one vectorised pass (1000 patient resamples of 624 images: ~0.2 s);
+anything else is called once per resample (~5-20 ms each with scikit-learn's input checks).
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ def bootstrap_ci(
         g = to_numpy(groups)
         if g.shape != (n,):
             raise ValueError(f"groups must have shape ({n},), got {g.shape}")
+        if _has_missing(g):
+            # np.unique would merge every missing id into one giant "patient"
+            raise ValueError("groups contains missing ids (None/NaN): give every image a patient id")
         codes = np.unique(g, return_inverse=True)[1].ravel()
         unit = "groups"
     n_groups = int(codes.max()) + 1
@@ -172,6 +177,14 @@ def _batched_form(metric_fn: Any) -> Callable[[np.ndarray, np.ndarray, np.ndarra
             args, kwargs = metric_fn.args, dict(metric_fn.keywords)
             return lambda y, p, counts: inner(y, p, counts, *args, **kwargs)
     return None
+
+
+def _has_missing(g: np.ndarray) -> bool:
+    if g.dtype.kind == "f":
+        return bool(np.isnan(g).any())
+    if g.dtype.kind == "O":
+        return any(v is None or (isinstance(v, float) and math.isnan(v)) for v in g)
+    return False
 
 
 def _as_float(x: Any) -> float:

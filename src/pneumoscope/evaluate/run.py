@@ -77,16 +77,6 @@ def predict_rows(predictor: Predictor, rows: pd.DataFrame, y: np.ndarray, *, cac
     return SplitPredictions(rows=rows, y=y, probs=probs, probs_raw=probs_raw, uncertainty=predictive_entropy(probs))
 
 
-def _headline_binary(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
-    m = binary_metrics(y, p, threshold=threshold)
-    return {k: m[k] for k in HEADLINE_BINARY}
-
-
-def _headline_multi(y: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict:
-    m = multiclass_metrics(y, probs, class_names)
-    return {k: m[k] for k in HEADLINE_MULTI}
-
-
 def _val_rows(run_dir: Path | None, manifest_df: pd.DataFrame, task: str) -> tuple[pd.DataFrame, np.ndarray] | None:
     """The run's validation images (from ``split.csv``), labelled for ``task``; None if unavailable."""
     if run_dir is None or not (run_dir / "split.csv").exists():
@@ -154,16 +144,18 @@ def evaluate_model(model_path: str | Path, data_root: str | Path, *, split: str 
         at_half = binary_metrics(y, p1, threshold=0.5)
         result["metrics"] = at_thr
         result["metrics_at_0.5"] = at_half
-        if bootstrap:
-            result["ci"] = bootstrap_ci(functools.partial(_headline_binary, threshold=thr), y, p1, groups=groups,
-                                        n_boot=bootstrap, seed=seed)
+        if bootstrap:  # binary_metrics has a vectorised bootstrap path; keep the headline keys only
+            ci = bootstrap_ci(functools.partial(binary_metrics, threshold=thr), y, p1, groups=groups,
+                              n_boot=bootstrap, seed=seed)
+            result["ci"] = {k: ci[k] for k in HEADLINE_BINARY if k in ci}
         cm = np.array([[at_thr["tn"], at_thr["fp"]], [at_thr["fn"], at_thr["tp"]]])
     else:
         mm = multiclass_metrics(y, probs, class_names)
         result["metrics"] = mm
         if bootstrap:
-            result["ci"] = bootstrap_ci(functools.partial(_headline_multi, class_names=class_names), y, probs,
-                                        groups=groups, n_boot=bootstrap, seed=seed)
+            ci = bootstrap_ci(functools.partial(multiclass_metrics, class_names=class_names), y, probs,
+                              groups=groups, n_boot=bootstrap, seed=seed)
+            result["ci"] = {k: v for k, v in ci.items() if k in HEADLINE_MULTI or k.startswith("per_class.")}
         cm = np.asarray(mm["confusion"])
     result["confusion"] = cm.tolist()
     wrong = decision != y

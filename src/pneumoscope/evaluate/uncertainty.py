@@ -53,6 +53,8 @@ def predictive_entropy(probs: np.ndarray) -> np.ndarray:
     mean over samples, ``samples.mean(axis=0)``.
     """
     p = to_numpy(probs).astype(np.float64)
+    if p.ndim == 2 and p.shape[1] == 1:  # (N, 1) from a sigmoid head
+        p = p[:, 0]
     if p.ndim not in (1, 2) or p.shape[0] == 0:
         raise ValueError(f"probs must have shape (N,) or (N, C), got {p.shape}")
     _check_prob_array(p, "probs")
@@ -128,10 +130,11 @@ def fit_refer_threshold(uncertainty_val: np.ndarray, refer_fraction: float) -> f
 
     Cases with ``uncertainty > threshold`` are referred. With k = round(refer_fraction · N) the
     threshold lies midway between the k-th largest and the next value, so new cases near the
-    boundary are not decided by an exact tie with a validation case; if those two values are
-    equal the threshold is that value and fewer than k validation cases are referred (ties are
-    never split). Fit on validation, then apply the fixed threshold to test data: referring a
-    fixed fraction of the *test* set would tune the rule on the data it is judged on.
+    boundary are not decided by an exact tie with a validation case. ``refer_fraction`` is read
+    as a reading budget: if those two values are equal the threshold is that value and fewer
+    than k validation cases are referred (ties are never split, and the budget never exceeded).
+    Fit on validation, then apply the fixed threshold to test data: referring a fixed fraction of
+    the *test* set would tune the rule on the data it is judged on.
     """
     u = check_finite_1d(uncertainty_val, None, "uncertainty_val")
     f = float(refer_fraction)

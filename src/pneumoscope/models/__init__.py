@@ -12,7 +12,13 @@ from __future__ import annotations
 
 from pneumoscope.models.card import ModelCard, WeightSource
 from pneumoscope.models.heads import HEAD_KINDS, build_head
-from pneumoscope.models.net import FREEZE_POLICIES, BackboneParts, ClassifierHead, PneumoNet
+from pneumoscope.models.net import (
+    FREEZE_POLICIES,
+    BackboneParts,
+    ClassifierHead,
+    PneumoNet,
+    convert_sync_batchnorm,
+)
 from pneumoscope.models.registry import create_model, get_card, list_models, register_model
 
 # Builder modules: imported for their @register_model side effect.
@@ -41,6 +47,7 @@ __all__ = [
     "build_from_spec",
     "build_head",
     "check_safetensors",
+    "convert_sync_batchnorm",
     "create_model",
     "get_card",
     "list_models",

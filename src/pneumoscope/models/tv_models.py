@@ -180,7 +180,8 @@ _MBV3_NOTES = (
     ),
 )
 def build_mobilenet_v3_large(source: WeightSource | None) -> BackboneParts:
-    return _mobilenet("mobilenet_v3_large", source, (range(0, 2), range(2, 4), range(4, 7), range(7, 13), range(13, 17)))
+    groups = (range(0, 2), range(2, 4), range(4, 7), range(7, 13), range(13, 17))
+    return _mobilenet("mobilenet_v3_large", source, groups)
 
 
 @register_model(
@@ -192,7 +193,8 @@ def build_mobilenet_v3_large(source: WeightSource | None) -> BackboneParts:
     ),
 )
 def build_mobilenet_v3_small(source: WeightSource | None) -> BackboneParts:
-    return _mobilenet("mobilenet_v3_small", source, (range(0, 1), range(1, 2), range(2, 4), range(4, 9), range(9, 13)))
+    groups = (range(0, 1), range(1, 2), range(2, 4), range(4, 9), range(9, 13))
+    return _mobilenet("mobilenet_v3_small", source, groups)
 
 
 # ---------------------------------------------------------------------------------- ConvNeXt

