@@ -7,7 +7,7 @@ DATA ?= $(or $(PNEUMOSCOPE_DATA),../shared/data/chest_xray)
 OUT ?= out
 BIN := $(VENV)/bin
 
-.PHONY: setup run test clean
+.PHONY: setup run test bundle clean
 
 $(BIN)/pneumoscope: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,12 @@ setup: $(BIN)/pneumoscope
 
 run: setup
 	$(BIN)/pneumoscope run --data "$(DATA)" --out "$(OUT)"
+
+# Re-create the bundled model (src/pneumoscope/weights/default) from the default config.
+bundle: setup
+	$(BIN)/pneumoscope train --config default --data "$(DATA)" --out runs/bundle-default
+	$(BIN)/pneumoscope evaluate runs/bundle-default --data "$(DATA)" --split test
+	$(BIN)/pneumoscope bundle runs/bundle-default
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -75,3 +75,15 @@ def small_kermany(tmp_path: Path, data_root: Path) -> Path:
             for src in pick_images(data_root, split, cls, n, contains):
                 (dst / src.name).symlink_to(src)
     return root
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, data_root) -> Path:
+    """A real (tiny) training run: the notebook CNN, 48 px, 40 images per class, 1 epoch."""
+    from pneumoscope.config import load_config
+    from pneumoscope.train.fit import fit
+
+    run = tmp_path_factory.mktemp("smoke") / "run"
+    cfg = load_config("smoke", ["data.limit_per_class=40", "preprocess.size=48", "train.batch_size=16"])
+    fit(cfg, run, data_root=data_root, cache_root=run.parent / "cache", progress=False)
+    return run

@@ -97,7 +97,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from pneumoscope.predict import predict_command
 
-    return predict_command(args.model, args.inputs, out=args.out, batch_size=args.batch_size, cam=args.cam,
+    from pneumoscope.bundle import resolve_model
+
+    return predict_command(resolve_model(args.model), args.inputs, out=args.out, batch_size=args.batch_size, cam=args.cam,
                            tta=args.tta, progress=_progress(args))
 
 
@@ -110,7 +112,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pneumoscope.serve.app import serve_command
 
-    return serve_command(args.model, host=args.host, port=args.port, max_upload_bytes=args.max_upload_bytes,
+    from pneumoscope.bundle import resolve_model
+
+    return serve_command(resolve_model(args.model), host=args.host, port=args.port, max_upload_bytes=args.max_upload_bytes,
                          cors_origins=args.cors_origin)
 
 
@@ -118,6 +122,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from pneumoscope.explain.command import explain_command
 
     return explain_command(args.run, args.images, args.out, method=args.method, target=args.target)
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from pneumoscope.bundle import package_model
+
+    out = package_model(args.run, args.out, split=args.split)
+    sys.stdout.write(f"{out}\n")
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -228,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--method", default="gradcam", help="gradcam | gradcam++ | xgradcam | eigencam | layercam")
     xp.add_argument("--target", default=None, help="class name to explain (default: the predicted class)")
     xp.set_defaults(func=cmd_explain)
+
+    bd = sub.add_parser("bundle", help="package a trained, test-evaluated run as the built-in fp16 model")
+    bd.add_argument("run")
+    bd.add_argument("--out", default=None, help="default: the package's weights/default folder")
+    bd.add_argument("--split", default="test", help="whose metrics go into the card")
+    bd.set_defaults(func=cmd_bundle)
 
     md = sub.add_parser("models", help="list registered models")
     md.add_argument("pattern", nargs="?", default="*")

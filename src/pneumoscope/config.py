@@ -57,6 +57,7 @@ class ModelConfig(_Strict):
     head: Literal["linear", "mlp", "bn512"] = "linear"
     dropout: float | None = Field(None, ge=0.0, lt=1.0)
     in_chans: int | None = Field(None, ge=1, le=3)
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra builder arguments, e.g. {image_size: 384} for ViT")
 
 
 class LossConfig(_Strict):

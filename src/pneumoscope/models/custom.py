@@ -91,13 +91,13 @@ def _cnn5_block(in_ch: int, out_ch: int, dropout: float) -> nn.Sequential:
 
 
 @register_model("cnn3", CNN3_CARD)
-def build_cnn3(source: WeightSource | None) -> BackboneParts:
-    """Notebook baseline: three conv blocks; stages = the three blocks."""
+def build_cnn3(source: WeightSource | None, dense_dropout: float = 0.5) -> BackboneParts:
+    """Notebook baseline: three conv blocks; stages = the three blocks. ``dense_dropout`` is the notebook's 0.5."""
     widths = (1, 32, 64, 128)
     stages = [_cnn3_block(widths[i], widths[i + 1]) for i in range(3)]
     pool = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(1))
     pre_logits = nn.Sequential(
-        OrderedDict([("fc", nn.Linear(128 * 16, 128)), ("act", nn.ReLU()), ("drop", nn.Dropout(0.5))])
+        OrderedDict([("fc", nn.Linear(128 * 16, 128)), ("act", nn.ReLU()), ("drop", nn.Dropout(dense_dropout))])
     )
     return BackboneParts(stages=stages, pool=pool, pre_logits=pre_logits)
 

@@ -125,8 +125,7 @@ def _forward(model: nn.Module, source, idx: np.ndarray, *, view_idx: np.ndarray 
         f = source.views[v, torch.as_tensor(idx)].to(device).float()
         if channels_last and f.ndim == 4:
             f = f.contiguous(memory_format=torch.channels_last)
-        m = model.module if hasattr(model, "module") and not hasattr(model, "forward_from") else model
-        return _call_from(model, source.stage_index, f) if m is model else _call_from(model, source.stage_index, f)
+        return _call_from(model, source.stage_index, f)
     u8 = torch.from_numpy(np.asarray(source.images[idx])).unsqueeze(1)
     if augment is not None:
         u8 = augment.batch(u8)

@@ -256,7 +256,7 @@ def _fit(cfg: RunConfig, run_dir: Path, *, data_root, resume: bool, cache_root: 
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model.name, num_classes=num_outputs(cfg.train.loss.name, n_classes),
                          pretrained=cfg.model.pretrained, in_chans=cfg.model.in_chans, head=cfg.model.head,
-                         dropout=cfg.model.dropout)
+                         dropout=cfg.model.dropout, **cfg.model.kwargs)
     if cfg.train.sync_bn and dist.enabled:
         from pneumoscope.models import convert_sync_batchnorm
 
@@ -329,11 +329,13 @@ def _fit(cfg: RunConfig, run_dir: Path, *, data_root, resume: bool, cache_root: 
             loop_augment = augment if augment.spec.enabled else None
             loop_size = None if size == cfg.preprocess.size else size
 
-        trainable: nn.Module = _FromStage(model, k) if (use_features and dist.enabled) else model
+        trainable: nn.Module = _FromStage(model, k) if (use_features and (dist.enabled or cfg.train.compile)) else model
         if dist.enabled:
             trainable = nn.parallel.DistributedDataParallel(
                 trainable, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=False)
+        if cfg.train.compile:
+            trainable = torch.compile(trainable)
         optimizer = build_optimizer(model.parameters(), cfg.train.optimizer, phase.lr, cfg.train.weight_decay,
                                     cfg.train.momentum)
         sampler = EpochSampler(data.y_train, seed=cfg.seed, balanced=cfg.train.balanced_sampler,
@@ -356,7 +358,8 @@ def _fit(cfg: RunConfig, run_dir: Path, *, data_root, resume: bool, cache_root: 
             torch.manual_seed(epoch_seed(cfg.seed, ge, 2))
             order = np.fromiter(iter(sampler), dtype=np.int64)
             view_rng = np.random.default_rng(epoch_seed(cfg.seed, ge, 3))
-            tr = train_one_epoch(trainable if not use_features or dist.enabled else model, train_src, order=order,
+            step_model = trainable if (not use_features or dist.enabled or cfg.train.compile) else model
+            tr = train_one_epoch(step_model, train_src, order=order,
                                  criterion=criterion, optimizer=optimizer, scheduler=scheduler, preset=preset,
                                  augment=loop_augment, batch_size=bs, grad_accum=cfg.train.grad_accum,
                                  size=loop_size, view_rng=view_rng, device=device, channels_last=channels_last,

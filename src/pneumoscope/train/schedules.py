@@ -12,10 +12,13 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, 
                     momentum: float = 0.9) -> torch.optim.Optimizer:
     """AdamW / Adam / SGD (Nesterov) over the trainable parameters."""
     params = [p for p in params if p.requires_grad]
+    # The fused kernels update all parameters in one pass; the default per-tensor loop cost 13 % of
+    # a CPU training step for EfficientNet-Lite0's tail (py-spy).
+    fused = {"fused": True} if params and params[0].device.type in ("cpu", "cuda") else {}
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **fused)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")

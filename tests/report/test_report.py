@@ -1,0 +1,22 @@
+"""The HTML report: produced from a real run, self-contained, every section present."""
+
+from __future__ import annotations
+
+import re
+
+from pneumoscope.evaluate.run import evaluate_model
+from pneumoscope.report.html import SECTIONS, build_report
+
+
+def test_report_has_every_section_and_inlines_images(tmp_path, data_root, smoke_run):
+    evaluate_model(smoke_run, data_root, split="test", bootstrap=100, tta=0, cache_root=tmp_path / "cache",
+                   progress=False)
+    out = build_report(smoke_run, tmp_path / "report.html", galleries=True)
+    html = out.read_text()
+    for section in SECTIONS:
+        assert f"<h2>{section}</h2>" in html, section
+    assert "not a diagnostic device" in html
+    imgs = re.findall(r'src="([^"]+)"', html)
+    assert len(imgs) >= 6 and all(s.startswith("data:image/png;base64,") for s in imgs)
+    assert "http://" not in html and "https://" not in html  # self-contained: nothing fetched
+    assert "95 % CI" in html and "(" in html and "/624)" in html  # percentages come with counts
