@@ -65,6 +65,10 @@ def package_model(run: str | Path, out: str | Path | None = None, *, split: str 
     meta["test_metrics"] = {"split": split, "data": "Kermany et al. 2018 official test split (624 images)",
                             "threshold": ev["threshold"], **{k: ev["metrics"][k] for k in keep if k in ev["metrics"]},
                             "ci": {k: v for k, v in (ev.get("ci") or {}).items() if not k.startswith("per_class")}}
+    ref = ev.get("referral") or {}
+    if ref.get("uncertainty_threshold") is not None:
+        meta["refer_threshold"] = ref["uncertainty_threshold"]
+        meta["refer_rule"] = f"{ref.get('rule')}; uncertainty = {ref.get('uncertainty')}"
     meta["intended_use"] = "research and education only; not a medical device, not for clinical diagnosis"
     meta["training_data"] = "Kermany et al., Cell 2018 (Mendeley doi:10.17632/rscbjbr9sj.2, CC BY 4.0), official train split"
     meta["source_run"] = {"config": meta.get("run_name"), "produced_by": f"pneumoscope bundle {run}"}

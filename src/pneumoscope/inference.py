@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -119,11 +120,17 @@ class Predictor:
         """(n, N, C) calibrated probabilities under ``n`` mild random augmentations (test-time augmentation)."""
         aug = TrainPreset(AugmentSpec(hflip=0.0, rotate=5.0, translate=0.03, scale_min=0.95, scale_max=1.05,
                                       brightness=0.1, contrast=0.1))
+        # Each image's augmentations are seeded by (seed, sample, the image's own pixels), so an
+        # image gets the same TTA result whatever batch, order or dataset it comes in.
+        keys = [zlib.crc32(np.ascontiguousarray(im.numpy()).tobytes()) for im in u8]
         out = []
         with torch.random.fork_rng():  # leave the caller's global RNG state untouched
             for s in range(n):
-                torch.manual_seed(seed * 1000 + s)
-                out.append(self.predict_u8(aug.batch(u8), batch_size).probs)
+                views = []
+                for im, key in zip(u8, keys):
+                    torch.manual_seed((seed * 1_000_003 + s * 7_919 + key) % (2**63))
+                    views.append(aug.batch(im[None])[0])
+                out.append(self.predict_u8(torch.stack(views), batch_size).probs)
         return np.stack(out)
 
     def decide(self, probs: np.ndarray) -> np.ndarray:

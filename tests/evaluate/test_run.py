@@ -13,8 +13,7 @@ from pneumoscope.evaluate.run import evaluate_model
 
 
 def _small_test_tree(root, data_root, pick, swap: bool):
-    """train/ links to the real train folder; test/ has 12 + 12 real images, labels swapped if ``swap``."""
-    (root / "train").symlink_to(data_root / "train")
+    """A Kermany-layout ``test/`` with 12 + 12 real images, labels swapped if ``swap``."""
     for cls, other in (("NORMAL", "PNEUMONIA"), ("PNEUMONIA", "NORMAL")):
         dst = root / "test" / (other if swap else cls)
         dst.mkdir(parents=True, exist_ok=True)

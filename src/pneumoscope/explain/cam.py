@@ -176,21 +176,23 @@ def _targets(model: nn.Module, classes: list[int]) -> list[Callable[[torch.Tenso
 def _cam_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and frozen parameters for the duration of a CAM; both restored afterwards.
 
-    pytorch-grad-cam calls ``model.eval()`` and ``loss.backward()``; freezing the parameters and
-    differentiating w.r.t. the input instead keeps the model's ``.grad`` and mode untouched (safe to
-    call from inside a training loop) and skips the parameter gradients nobody needs.
+    pytorch-grad-cam calls ``model.eval()``, ``model.zero_grad()`` and ``loss.backward()``. Freezing
+    the parameters and differentiating w.r.t. the input instead skips the parameter gradients nobody
+    needs; the mode, ``requires_grad`` flags and any existing ``.grad`` are put back afterwards, so a
+    CAM can be taken from inside a training loop without disturbing it.
     """
     was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     try:
-        for p, _ in flags:
+        for p, _, _ in saved:
             p.requires_grad_(False)
         model.eval()
         with torch.enable_grad():
             yield
     finally:
-        for p, flag in flags:
+        for p, flag, grad in saved:
             p.requires_grad_(flag)
+            p.grad = grad
         model.train(was_training)
 
 

@@ -68,8 +68,12 @@ class PreparedData:
 
 
 def load_manifest(data_root: str | Path, *, val_fraction: float, seed: int, progress: bool,
-                  workers: int = 2) -> Manifest:
-    """Scan a dataset (or read a saved manifest file) and cut the patient-grouped validation split."""
+                  workers: int = 2, require_split: bool = True) -> Manifest:
+    """Scan a dataset (or read a saved manifest file) and cut the patient-grouped validation split.
+
+    With ``require_split=False`` (evaluation of an external or test-only dataset) a dataset whose
+    train pool cannot be split is returned as scanned.
+    """
     from pneumoscope.data.scan import scan_dataset
     from pneumoscope.data.split import patient_split
 
@@ -78,7 +82,13 @@ def load_manifest(data_root: str | Path, *, val_fraction: float, seed: int, prog
         manifest = Manifest.load(p)
     else:
         manifest = scan_dataset(p, progress=progress, workers=workers)
-    return patient_split(manifest, val_fraction=val_fraction, seed=seed)
+    try:
+        return patient_split(manifest, val_fraction=val_fraction, seed=seed)
+    except DatasetError as err:
+        if require_split:
+            raise
+        log.info("%s: no validation split cut (%s)", data_root, err)
+        return manifest
 
 
 def prepare_data(cfg: RunConfig, data_root: str | Path, *, cache_root: Path, progress: bool,
