@@ -58,6 +58,9 @@ def main_job(data: str | None, out: Path, *, config: str = "default", overrides:
         report_path = build_report(run_dir, out / "report.html", data_check_dir=out / "data_check")
     timings["report"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
+    from pneumoscope.utils.io import atomic_write_json
+
+    atomic_write_json(out / "timings.json", timings)
     m = res["metrics"]
     log.info("test: accuracy %.4f, sensitivity %s, specificity %s, AUROC %.4f (threshold %.4f from validation)",
              m["accuracy"], m.get("sensitivity"), m.get("specificity"), m.get("auroc", m.get("macro_auroc", float("nan"))),

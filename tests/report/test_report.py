@@ -19,4 +19,5 @@ def test_report_has_every_section_and_inlines_images(tmp_path, data_root, smoke_
     imgs = re.findall(r'src="([^"]+)"', html)
     assert len(imgs) >= 6 and all(s.startswith("data:image/png;base64,") for s in imgs)
     assert "http://" not in html and "https://" not in html  # self-contained: nothing fetched
+    assert "lung attention" in html and "<td>None</td>" not in html
     assert "95 % CI" in html and "(" in html and "/624)" in html  # percentages come with counts

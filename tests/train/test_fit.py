@@ -89,7 +89,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, data_root):
     b = load_file(str(resolve_checkpoint(killed / "checkpoints", "last") / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), (k, (a[k].float() - b[k].float()).abs().max())
     ha, hb = pd.read_csv(ref / "metrics.csv"), pd.read_csv(killed / "metrics.csv")
     assert list(hb["epoch"]) == [1, 2, 3]
     pd.testing.assert_series_equal(ha["val_auroc"], hb["val_auroc"], atol=1e-6)

@@ -51,7 +51,9 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return "—" if math.isnan(v) else f"{v:.4f}"
+        if math.isnan(v):
+            return "—"
+        return f"{v:.2e}" if 0 < abs(v) < 1e-3 else f"{v:.4f}"
     return str(v)
 
 
@@ -175,10 +177,14 @@ def gradcam_html(cam: dict | None, eval_dir: Path) -> str:
     imgs = "".join(_img(eval_dir / fname, f"{name}") for name, fname in cam.get("galleries", {}).items())
     att = cam.get("attention", {})
     rows = []
+    if isinstance(att.get("overall"), dict):
+        o = att["overall"]
+        rows.append(["all", "all", o.get("n"), o.get("mean_lung_attention"), o.get("mean_border_attention")])
     for group in ("by_class", "by_outcome"):
         for k, v in (att.get(group) or {}).items():
             if isinstance(v, dict):
-                rows.append([group.replace("by_", ""), k, v.get("n"), v.get("lung_attention"), v.get("border_attention")])
+                rows.append([group.replace("by_", ""), k, v.get("n"), v.get("mean_lung_attention"),
+                             v.get("mean_border_attention")])
     method = ("<p class='note'>Lung-field attention = share of the Grad-CAM mass that falls inside an automatic lung mask "
               "(threshold-based segmentation of the dark lung fields, with an anatomical two-ellipse prior as fallback; "
               "see <code>pneumoscope.explain.lungs</code> for the method and its limits). Border attention = share in the outer "
