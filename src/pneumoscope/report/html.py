@@ -50,6 +50,8 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
 
 
 def _fmt(v: Any) -> str:
+    if v is None:
+        return "—"
     if isinstance(v, float):
         if math.isnan(v):
             return "—"
