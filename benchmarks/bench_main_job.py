@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, fmt, md_table, proc_status_mb, write_results  # noqa: E402
+from common import command_line, fmt, machine_info, md_table, proc_status_mb, write_results  # noqa: E402
 
 REFERENCES = [
     ("Kermany et al. 2018, Inception-V3", "selected on test", 0.928, 0.932, 0.901, 0.968),
@@ -40,6 +40,7 @@ def main() -> int:
     args = ap.parse_args()
 
     out = Path(args.out)
+    machine = machine_info()  # before the job: its load average is the machine's, not the job's own
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "pneumoscope", "run", "--data", args.data, "--out", str(out),
                              "--config", args.config, "--no-progress"], stderr=subprocess.PIPE, text=True)
@@ -79,7 +80,7 @@ def main() -> int:
               + md_table(["step", "seconds"], [[k, fmt(v)] for k, v in timings.items()])
               + f"\n\nTraining throughput (tail on cached features) per epoch: see `{run}/metrics.csv`; "
               f"peak RSS of the job: {fmt(peak)} MB.")
-    write_results(args.out_name, payload, table, command_line(), results_dir=args.results_dir)
+    write_results(args.out_name, payload, table, command_line(), results_dir=args.results_dir, machine=machine)
     return 0
 
 

@@ -124,13 +124,9 @@ class Predictor:
         # image gets the same TTA result whatever batch, order or dataset it comes in.
         keys = [zlib.crc32(np.ascontiguousarray(im.numpy()).tobytes()) for im in u8]
         out = []
-        with torch.random.fork_rng():  # leave the caller's global RNG state untouched
-            for s in range(n):
-                views = []
-                for im, key in zip(u8, keys):
-                    torch.manual_seed((seed * 1_000_003 + s * 7_919 + key) % (2**63))
-                    views.append(aug.batch(im[None])[0])
-                out.append(self.predict_u8(torch.stack(views), batch_size).probs)
+        for s in range(n):
+            gens = [torch.Generator().manual_seed((seed * 1_000_003 + s * 7_919 + key) % (2**63)) for key in keys]
+            out.append(self.predict_u8(aug.batch(u8, generators=gens), batch_size).probs)
         return np.stack(out)
 
     def decide(self, probs: np.ndarray) -> np.ndarray:

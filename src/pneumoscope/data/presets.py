@@ -13,8 +13,9 @@ from typing import Sequence
 
 import math
 
+import cv2
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,15 @@ class AugmentSpec:
 class TrainPreset:
     """Random augmentation of uint8 images: (1, H, W) → (1, H, W), or a batch (N, [1,] H, W).
 
-    Why not ``torchvision.transforms.v2`` per image: on this CPU, v2's per-image ``RandomAffine`` +
-    ``ColorJitter`` took ~2x longer than the EfficientNet-Lite0 forward pass it fed (py-spy,
-    measured in the default run). Here every image of a batch draws its own parameters — the same
-    distributions as ``v2.RandomHorizontalFlip``, ``v2.RandomAffine(degrees, translate, scale)`` and
-    ``v2.ColorJitter(brightness, contrast)`` — and the whole batch is warped with one
-    ``affine_grid``/``grid_sample`` call (bilinear, zero fill). Random numbers come from torch's
-    default generator, which the trainer seeds per (seed, epoch), so augmentation is reproducible.
+    Why not ``torchvision.transforms.v2``: per image on tensors, v2's ``RandomAffine`` +
+    ``ColorJitter`` took ~2x longer than the EfficientNet-Lite0 forward pass it fed (py-spy, in the
+    default run), and a batched ``grid_sample`` version was no faster than the notebooks' PIL
+    pipeline (benchmarks/results/loader.md). Here every image draws its own parameters from the
+    same distributions as ``v2.RandomHorizontalFlip``, ``v2.RandomAffine(degrees, translate,
+    scale)`` and ``v2.ColorJitter(brightness, contrast)``, and stays uint8 throughout: one
+    ``cv2.warpAffine`` (bilinear, zero fill) and one 256-entry lookup table (brightness, then
+    contrast around the image mean) per image. Random numbers come from torch's
+        default generator, which the trainer seeds per (seed, epoch), so augmentation is reproducible.
     """
 
     def __init__(self, spec: AugmentSpec) -> None:
@@ -61,40 +64,67 @@ class TrainPreset:
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         return self.batch(img.unsqueeze(0))[0]
 
-    def batch(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Augment each image of a (N, H, W) or (N, 1, H, W) uint8 batch independently."""
+    def batch(self, imgs: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        """Augment each image of a (N, H, W) or (N, 1, H, W) uint8 batch independently.
+
+        ``generators`` (one per image) make each image's parameters a function of its own
+        generator only — what test-time augmentation needs so that a prediction does not depend on
+        the batch an image arrives in. Without them the default generator is used.
+        """
         if not self.spec.enabled or imgs.shape[0] == 0:
             return imgs
         squeeze = imgs.ndim == 3
-        x = (imgs.unsqueeze(1) if squeeze else imgs).float()
+        x = imgs.unsqueeze(1) if squeeze else imgs
         n = x.shape[0]
         s = self.spec
 
         def uniform(lo: float, hi: float) -> torch.Tensor:
-            return torch.rand(n) * (hi - lo) + lo
+            if generators is None:
+                r = torch.rand(n)
+            else:
+                r = torch.cat([torch.rand(1, generator=g) for g in generators])
+            return r * (hi - lo) + lo
 
         geometric = s.hflip > 0 or s.rotate > 0 or s.translate > 0 or (s.scale_min, s.scale_max) != (1.0, 1.0)
+        h, w = x.shape[-2:]
+        mats = None
         if geometric:
             angle = uniform(-s.rotate, s.rotate) * (math.pi / 180.0)
             scale = uniform(s.scale_min, s.scale_max)
             tx, ty = uniform(-s.translate, s.translate) * 2.0, uniform(-s.translate, s.translate) * 2.0
-            flip = torch.where(torch.rand(n) < s.hflip, -1.0, 1.0)
+            flip = torch.where(uniform(0.0, 1.0) < s.hflip, -1.0, 1.0)
             cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-            # output pixel o samples input  i = A (o - t) with A = R(-angle) / scale, then the flip
-            a = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)  # (n, 2, 2)
-            a[:, 0, :] *= flip[:, None]
-            b = -(a @ torch.stack([tx, ty], 1)[:, :, None])[:, :, 0]
-            theta = torch.cat([a, b[:, :, None]], 2)
-            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        if s.brightness > 0:
-            x = x * uniform(1 - s.brightness, 1 + s.brightness)[:, None, None, None]
-        if s.contrast > 0:
-            mean = x.clamp(0, 255).mean(dim=(1, 2, 3), keepdim=True)
-            c = uniform(1 - s.contrast, 1 + s.contrast)[:, None, None, None]
-            x = mean + c * (x - mean)
-        out = x.round_().clamp_(0, 255).to(torch.uint8)
-        return out.squeeze(1) if squeeze else out
+            # In normalised coordinates an output pixel o samples the input at  A (o - t), with
+            # A = R(-angle) / scale, then the flip; converted below to one pixel-space matrix per image.
+            a = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1).double()  # (n, 2, 2)
+            a[:, 0, :] *= flip[:, None].double()
+            b = -(a @ torch.stack([tx, ty], 1).double()[:, :, None])[:, :, 0]
+            d = torch.tensor([2.0 / w, 2.0 / h], dtype=torch.float64)
+            e = torch.tensor([1.0 / w - 1.0, 1.0 / h - 1.0], dtype=torch.float64)
+            lin = a * d[None, None, :] / d[None, :, None]  # D^-1 A D
+            off = ((a @ e) + b - e) / d  # D^-1 (A e + b - e)
+            mats = torch.cat([lin, off[:, :, None]], 2).numpy()
+        bright = uniform(1 - s.brightness, 1 + s.brightness).numpy() if s.brightness > 0 else None
+        contrast = uniform(1 - s.contrast, 1 + s.contrast).numpy() if s.contrast > 0 else None
+        src = (imgs.unsqueeze(1) if squeeze else imgs).numpy()
+        out = np.empty_like(src)
+        levels = np.arange(256, dtype=np.float64)
+        for i in range(n):
+            img = src[i, 0]
+            if mats is not None:  # bilinear, zero fill, like grid_sample(align_corners=False)
+                img = cv2.warpAffine(img, mats[i], (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                     borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            if bright is not None or contrast is not None:
+                # brightness then contrast (around the mean of the brightened image) as one 256-entry table
+                lut = np.clip(levels * (bright[i] if bright is not None else 1.0), 0, 255)
+                if contrast is not None:
+                    hist = np.bincount(img.ravel(), minlength=256)
+                    mean = float(hist @ lut) / img.size
+                    lut = np.clip(mean + contrast[i] * (lut - mean), 0, 255)
+                img = cv2.LUT(img, np.rint(lut).astype(np.uint8))
+            out[i, 0] = img
+        res = torch.from_numpy(out)
+        return res.squeeze(1) if squeeze else res
 
 
 class EvalPreset:
@@ -121,11 +151,14 @@ class EvalPreset:
         return cls(card.mean, card.std, c, channels_last=channels_last)
 
     def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
+        # One fused pass: (u8 / 255 - mean) / std == u8 * scale + shift, broadcast straight into the
+        # channel layout the model wants (NHWC memory for channels_last), no intermediate tensors.
         x = imgs.unsqueeze(1) if imgs.ndim == 3 else imgs
-        x = x.to(torch.float32).div_(255.0)
-        if self.in_chans > 1:
-            x = x.expand(-1, self.in_chans, -1, -1)
-        x = (x - self.mean) / self.std
+        if x.shape[1] != 1:
+            x = x[:, :1]
+        scale = (1.0 / (255.0 * self.std)).view(-1)
+        shift = (-self.mean / self.std).view(-1)
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+            y = torch.addcmul(shift, x.permute(0, 2, 3, 1).to(torch.float32), scale)  # (N, H, W, C)
+            return y.permute(0, 3, 1, 2)
+        return torch.addcmul(shift.view(1, -1, 1, 1), x.to(torch.float32), scale.view(1, -1, 1, 1))
