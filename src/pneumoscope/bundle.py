@@ -13,7 +13,6 @@ import logging
 from importlib import resources
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from pneumoscope.errors import ModelError

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,8 @@ log = logging.getLogger("pneumoscope.cli")
 
 def _setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose >= 0 else logging.WARNING
+    if os.environ.get("RANK", "0") != "0":  # torchrun: only rank 0 reports progress
+        level = max(level, logging.WARNING)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
     for noisy in ("PIL", "matplotlib", "urllib3", "httpx", "timm"):

@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import os
-import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -56,59 +55,18 @@ CAM_MAX_SIDE = 1024
 # inputs
 
 
-def _is_ignored(name: str) -> bool:
-    """Hidden files, AppleDouble ``._*`` forks and macOS zip metadata are never data."""
-    return name.startswith(".") or name == "__MACOSX"
-
-
-def _is_dicom_without_extension(path: str) -> bool:
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return False
-        with open(path, "rb") as fh:
-            return fh.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
-
-
 def iter_image_files(folder: str | Path) -> Iterator[str]:
     """Image files under ``folder``, recursively, depth first in name order.
 
-    Image files: names ending in :data:`~pneumoscope.data.imageio.SUPPORTED_EXTENSIONS`, plus
-    extension-less files with a DICOM preamble. Directory symlinks are followed but every real
-    directory is visited once (by device and inode), so a symlink loop ends instead of hanging.
-    Hidden entries are skipped.
+    The dataset scan's walker (:func:`pneumoscope.data.scan.walk_files`): hidden entries skipped,
+    directory symlinks followed but every real directory visited once, so a loop ends; image
+    extensions plus extension-less files with a DICOM preamble.
     """
-    seen: set[tuple[int, int]] = set()
-    stack = [str(folder)]
-    while stack:
-        d = stack.pop()
-        try:
-            st = os.stat(d)
-            if (st.st_dev, st.st_ino) in seen:
-                log.debug("%s: already visited (symlink loop or alias), skipped", d)
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            with os.scandir(d) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as err:
-            log.warning("%s: cannot list folder (%s)", d, err.strerror or err)
-            continue
-        subdirs = []
-        for entry in entries:
-            if _is_ignored(entry.name):
-                continue
-            try:
-                is_dir = entry.is_dir()
-            except OSError:
-                is_dir = False
-            if is_dir:
-                subdirs.append(entry.path)
-            elif Path(entry.name).suffix.lower() in SUPPORTED_EXTENSIONS or (
-                not Path(entry.name).suffix and _is_dicom_without_extension(entry.path)
-            ):
-                yield entry.path
-        stack.extend(reversed(subdirs))
+    from pneumoscope.data.scan import is_candidate, walk_files
+
+    for path in walk_files(Path(folder)):
+        if is_candidate(path):
+            yield str(path)
 
 
 def _csv_paths(csv_path: Path) -> tuple[list[str], list[tuple[str, str]]]:

@@ -16,7 +16,6 @@ import sys
 import time
 
 import pandas as pd
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -96,3 +95,18 @@ def test_killed_distributed_run_resumes_with_one_process(tmp_path, data_root):
     hist = pd.read_csv(run / "metrics.csv")
     assert list(hist["epoch"]) == [1, 2, 3, 4]
     assert json.loads((run / "env.json").read_text())["world_size"] == 1
+
+
+def test_frozen_prefix_feature_cache_under_ddp(tmp_path, data_root):
+    """The default recipe's path (frozen prefix computed once, tail trained) also runs under torchrun."""
+    run = tmp_path / "fc"
+    sets = ["data.limit_per_class=24", "preprocess.size=64", "train.batch_size=8", "train.phases.0.epochs=2",
+            "train.phases.0.feature_views=2"]
+    res = subprocess.run(_torchrun(2, ["train", "--config", "default", "--data", str(data_root), "--no-progress",
+                                       "--out", str(run), *_sets(sets)]),
+                         env=_env(tmp_path / "cache"), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    hist = pd.read_csv(run / "metrics.csv")
+    assert list(hist["epoch"]) == [1, 2] and hist["feature_cache"].all() and (hist["trainable_stages"] == 4).all()
+    assert json.loads((run / "env.json").read_text())["world_size"] == 2
+    assert (run / "summary.json").exists()

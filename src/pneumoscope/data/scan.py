@@ -141,7 +141,7 @@ def _subdirs(folder: Path) -> list[Path]:
     return out
 
 
-def _walk_files(top: Path) -> Iterator[Path]:
+def walk_files(top: Path) -> Iterator[Path]:
     """Every non-hidden file under ``top``, depth first in name order.
 
     Directory symlinks are followed, but each real directory only once: a loop (``a/b -> a``)
@@ -177,7 +177,7 @@ def _walk_files(top: Path) -> Iterator[Path]:
         stack.extend(reversed(subdirs))
 
 
-def _is_candidate(path: Path) -> bool:
+def is_candidate(path: Path) -> bool:
     """Image extension, or no extension and a DICOM preamble (DICOM files often have none)."""
     if is_image_name(path):
         return True
@@ -247,8 +247,8 @@ def _kermany_entries(kermany_roots: list[Path]) -> list[_Entry]:
             for class_dir in _subdirs(split_dir):
                 label = normalize_label(class_dir.name) or class_dir.name
                 n_images = 0
-                for path in _walk_files(class_dir):
-                    if not _is_candidate(path):
+                for path in walk_files(class_dir):
+                    if not is_candidate(path):
                         continue
                     n_images += 1
                     key = (split, label, str(path.relative_to(class_dir)))
@@ -298,7 +298,7 @@ def _classfolder_entries(root: Path) -> list[_Entry]:
                 "%s: looks like a split folder but holds no class folders; treated as a class", class_dir
             )
         before = len(entries)
-        entries += [_folder_entry(p, "train", class_dir.name) for p in _walk_files(class_dir) if _is_candidate(p)]
+        entries += [_folder_entry(p, "train", class_dir.name) for p in walk_files(class_dir) if is_candidate(p)]
         if len(entries) == before:
             logger.warning("%s: class folder has no images", class_dir)
     try:

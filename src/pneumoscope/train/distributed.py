@@ -71,6 +71,15 @@ def all_gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return torch.cat([b[: int(s.item())] for b, s in zip(buf, sizes)])
 
 
+def all_reduce_mean(values: list[float], info: DistInfo) -> list[float]:
+    """Mean of each value over ranks (e.g. the epoch's training loss)."""
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return (t / info.world_size).tolist()
+
+
 def broadcast_object(obj, info: DistInfo):
     """Rank 0's ``obj`` on every rank (e.g. the early-stopping decision)."""
     if not info.enabled:

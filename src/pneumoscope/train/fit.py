@@ -374,6 +374,9 @@ def _fit(cfg: RunConfig, run_dir: Path, *, data_root, resume: bool, cache_root: 
                                  augment=loop_augment, batch_size=bs, grad_accum=cfg.train.grad_accum,
                                  size=loop_size, view_rng=view_rng, device=device, channels_last=channels_last,
                                  amp_dtype=amp, progress=progress, desc=f"{phase.name} {epoch + 1}/{phase.epochs}")
+            if dist.enabled:  # every rank trains on as many samples: the mean of the rank means is the epoch mean
+                tr["loss"], tr["accuracy"] = ddp.all_reduce_mean([tr["loss"], tr["accuracy"]], dist)
+                tr["images_per_s"] *= dist.world_size
             ev_idx = np.arange(dist.rank, len(val_src), dist.world_size) if dist.enabled else None
             ev = evaluate(model, val_src, criterion=eval_criterion, preset=preset, size=loop_size, device=device,
                           channels_last=channels_last, gather=gather, indices=ev_idx)
