@@ -79,7 +79,7 @@ def test_helpers(common) -> None:
     assert common.peak_rss_mb() > 1
     with common.Timer() as t:
         pass
-    assert 0 <= t.seconds < 5
+    assert isinstance(t.seconds, float)  # the Timer records a duration; speed is never asserted in tests
     assert common.percentile([1.0, 2.0, 3.0], 50) == 2.0
     assert common.fmt(float("nan")) == "–" and common.fmt(1234.56) == "1,234.6"
     cmd = common.command_line(["benchmarks/bench_loader.py", "--data", "a b"])
