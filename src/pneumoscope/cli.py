@@ -45,7 +45,7 @@ def _data_arg(p: argparse.ArgumentParser, positional: bool = False) -> None:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from pneumoscope.data.check import check_command
 
-    return check_command(args.data, Path(args.out), manifest_out=Path(args.manifest) if args.manifest else None,
+    return check_command(args.data or args.data_opt, Path(args.out), manifest_out=Path(args.manifest) if args.manifest else None,
                          val_fraction=args.val_fraction, seed=args.seed,
                          progress=_progress(args))
 
@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     chk = data.add_parser("check", help="scan a dataset: counts, corrupt files, duplicates, patient overlap")
     _data_arg(chk, positional=True)
+    chk.add_argument("--data", dest="data_opt", default=None, help="same as the positional DATA")
     chk.add_argument("--out", default="out/data_check", help="folder for JSON, Markdown and PNG figures")
     chk.add_argument("--manifest", default=None, help="where to save the manifest (.parquet or .csv)")
     chk.add_argument("--val-fraction", type=float, default=0.15)
