@@ -29,6 +29,10 @@ def main_job(data: str | None, out: Path, *, config: str = "default", overrides:
 
     log.info("[1/4] data check of %s", root)
     check_rc = check_command(str(root), out / "data_check", progress=progress)
+    # Training and evaluation read the data check's manifest instead of scanning (and decoding
+    # every image) again; it is re-split there by the run's own seed.
+    manifest_path = out / "data_check" / "manifest.parquet"
+    source = manifest_path if manifest_path.exists() else root
     timings["data_check"] = time.perf_counter() - t0
 
     cfg = load_config(config, overrides or [])
@@ -39,12 +43,12 @@ def main_job(data: str | None, out: Path, *, config: str = "default", overrides:
     else:
         resume = (run_dir / "checkpoints" / "last.json").exists()
         log.info("[2/4] training %s into %s%s", config, run_dir, " (resuming)" if resume else "")
-        fit(cfg, run_dir, data_root=root, resume=resume, progress=progress)
+        fit(cfg, run_dir, data_root=source, resume=resume, progress=progress)
     timings["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
     log.info("[3/4] evaluating on the official test split")
-    res = evaluate_model(run_dir, root, split="test", progress=progress)
+    res = evaluate_model(run_dir, source, split="test", progress=progress)
     timings["evaluate"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -24,18 +24,11 @@ from pneumoscope.explain.cam import (
     target_layer,
     vit_reshape,
 )
-from pneumoscope.models import PneumoNet, create_model, get_card, list_models
+from pneumoscope.models import PneumoNet, create_model, list_models
 
-SIZE = 64
-
-
-def _kwargs(name: str) -> dict[str, Any]:
-    return {"image_size": SIZE} if get_card(name).fixed_input_size else {}
-
-
-def _input(model: PneumoNet, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, model.card.in_chans, SIZE, SIZE, generator=g)
+from model_inputs import SIZE  # noqa: E402
+from model_inputs import random_input as _input  # noqa: E402
+from model_inputs import small_kwargs as _kwargs  # noqa: E402
 
 
 def _create(name: str, **kwargs: Any) -> PneumoNet:

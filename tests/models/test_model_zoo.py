@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -21,7 +20,6 @@ from pneumoscope.models import (
     build_from_spec,
     convert_sync_batchnorm,
     create_model,
-    get_card,
     list_models,
     load_model,
     load_weights,
@@ -30,17 +28,9 @@ from pneumoscope.models import (
     save_weights,
 )
 
-SIZE = 64
-
-
-def _kwargs(name: str) -> dict[str, Any]:
-    """Builder arguments that make a fixed-size model accept the small test input."""
-    return {"image_size": SIZE} if get_card(name).fixed_input_size else {}
-
-
-def _input(model: PneumoNet, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, model.card.in_chans, SIZE, SIZE, generator=g)
+from model_inputs import SIZE  # noqa: E402
+from model_inputs import random_input as _input  # noqa: E402
+from model_inputs import small_kwargs as _kwargs  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=list_models())
