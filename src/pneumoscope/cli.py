@@ -269,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     except PneumoscopeError as err:
         sys.stderr.write(f"pneumoscope: error: {err}\n")
         return 2
+    except OSError as err:  # the environment, not the code: an unwritable --out, a vanished folder
+        where = f"{err.filename}: " if err.filename else ""
+        sys.stderr.write(f"pneumoscope: error: {where}{err.strerror or err}\n")
+        return 2
     except KeyboardInterrupt:
         sys.stderr.write("pneumoscope: interrupted\n")
         return 130

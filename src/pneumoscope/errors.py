@@ -34,3 +34,7 @@ class ModelError(PneumoscopeError):
 
 class RunLockedError(PneumoscopeError):
     """Another process holds the lock on a run directory."""
+
+
+class StorageError(PneumoscopeError):
+    """The disk refused a write (full, quota, read-only). The file being replaced is left intact."""

@@ -37,9 +37,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pneumoscope.data.imageio import SUPPORTED_EXTENSIONS, decode_image
+from pneumoscope.data.imageio import NON_UTF8_NAME_REASON, SUPPORTED_EXTENSIONS, decode_image, display_path
 from pneumoscope.errors import ConfigError, DatasetError, ImageDecodeError, ModelError
 from pneumoscope.inference import Predictor, backend_of, load_predictor, model_version, pytorch_predictor
+from pneumoscope.utils.faults import fault_point
 from pneumoscope.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,9 @@ def collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[str], list[tuple[
     unique = list(dict.fromkeys(files))
     if len(unique) < len(files):
         log.warning("%d files were listed more than once; each is predicted once", len(files) - len(unique))
-    return unique, problems
+    # a name that is not UTF-8 cannot be written to the CSV/JSON table: reported, not predicted
+    problems += [(display_path(f), NON_UTF8_NAME_REASON) for f in unique if display_path(f) != f]
+    return [f for f in unique if display_path(f) == f], problems
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,6 +360,7 @@ def predict_files(
                                                   cam_dir=paths.cam_dir if paths else None, cam_names=cam_names)
             rows.update((r["file"], r) for r in new_rows)
             errors.extend(new_errors)
+            fault_point("predict_batch")  # tests: killed after predicting, before the CSV rewrite
             if writer:
                 writer.add(new_rows)
             bar.update(len(batch))

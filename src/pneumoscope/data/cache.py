@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 
 from pneumoscope.data.preprocess import PREPROCESS_VERSION, PreprocessSpec, preprocess
 from pneumoscope.errors import ImageDecodeError
-from pneumoscope.utils.io import RunLock, atomic_write_json
+from pneumoscope.utils.faults import fault_point
+from pneumoscope.utils.io import RunLock, atomic_write_json, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -191,35 +192,44 @@ class ImageCache:
             items = list(todo.items())
             bar = tqdm(total=len(items), desc=f"cache {self.spec.size}px", unit="img", disable=not progress)
             chunk = 256
-            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, open(self.data_path, "ab") as fh:
-                for start in range(0, len(items), chunk):
-                    results = list(pool.map(work, items[start : start + chunk]))
-                    for h, path, img, reason in results:
-                        if img is None:
-                            report.failed[path] = reason
-                            continue
-                        data = np.ascontiguousarray(img, dtype=np.uint8).tobytes()
-                        old = self._slots.get(h)
-                        if old is not None and old in self._bad:  # repair in place
-                            with open(self.data_path, "r+b") as rw:
-                                rw.seek(old * self._slot_bytes)
-                                rw.write(data)
-                                rw.flush()
-                                os.fsync(rw.fileno())
-                            self._crc[old] = zlib.crc32(data)
-                            self._bad.discard(old)
-                            report.repaired += 1
-                        else:
-                            fh.write(data)
-                            self._slots[h] = len(self._crc)
-                            self._crc.append(zlib.crc32(data))
-                            report.added += 1
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                    self._write_index()  # data first, then the index that names it
-                    self._mmap = None
-                    bar.update(len(results))
-            bar.close()
+            try:
+                with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, open(self.data_path, "ab") as fh:
+                    for start in range(0, len(items), chunk):
+                        results = list(pool.map(work, items[start : start + chunk]))
+                        for h, path, img, reason in results:
+                            if img is None:
+                                report.failed[path] = reason
+                                continue
+                            data = np.ascontiguousarray(img, dtype=np.uint8).tobytes()
+                            old = self._slots.get(h)
+                            if old is not None and old in self._bad:  # repair in place
+                                with open(self.data_path, "r+b") as rw:
+                                    rw.seek(old * self._slot_bytes)
+                                    rw.write(data)
+                                    rw.flush()
+                                    os.fsync(rw.fileno())
+                                self._crc[old] = zlib.crc32(data)
+                                self._bad.discard(old)
+                                report.repaired += 1
+                            else:
+                                fh.write(data)
+                                self._slots[h] = len(self._crc)
+                                self._crc.append(zlib.crc32(data))
+                                report.added += 1
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                        fault_point("cache_build")  # tests: killed here, the next open truncates the tail
+                        self._write_index()  # data first, then the index that names it
+                        self._mmap = None
+                        bar.update(len(results))
+            except OSError as err:
+                # a full disk mid-append: the index still names only complete, fsynced slots
+                disk = storage_error(self.data_path, err)
+                if disk is None:
+                    raise
+                raise disk from None
+            finally:
+                bar.close()
         log.info("cache %s: %d added, %d reused, %d repaired, %d failed", self.dir, report.added,
                  report.reused, report.repaired, len(report.failed))
         return report

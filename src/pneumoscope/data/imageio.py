@@ -80,6 +80,22 @@ def pixel_digest(pixels: np.ndarray) -> str:
     return h.hexdigest()
 
 
+#: Reason given for a file whose name is not valid UTF-8 (it cannot go into a CSV, JSON or Parquet table).
+NON_UTF8_NAME_REASON = "file name is not valid UTF-8 (rename the file)"
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as printable UTF-8 text: bytes that are not UTF-8 (a Latin-1 name from an old
+    Windows share) become ``\\xNN`` escapes, so the name can be logged and written to tables.
+    Equal to ``str(path)`` for every valid name."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def is_image_name(name: str | os.PathLike[str]) -> bool:
     """True when the file name ends in one of :data:`SUPPORTED_EXTENSIONS` (any case)."""
     return Path(name).suffix.lower() in SUPPORTED_EXTENSIONS

@@ -44,6 +44,8 @@ from tqdm.auto import tqdm
 
 from pneumoscope.data.imageio import (
     DEFAULT_MAX_PIXELS,
+    NON_UTF8_NAME_REASON,
+    display_path,
     is_image_name,
     pixel_digest,
     read_file_bytes,
@@ -227,6 +229,11 @@ def _entries_from_folders(root: Path) -> tuple[str, list[_Entry]]:
 
 
 def _folder_entry(path: Path, split: str, class_folder: str) -> _Entry:
+    shown = display_path(path)
+    if shown != str(path):  # the manifest (Parquet/CSV) holds UTF-8 text only
+        label = normalize_label(class_folder) or class_folder
+        return _Entry(path=shown, official_split=split, label=label, subtype="", patient_id="",
+                      patient_source="", error=NON_UTF8_NAME_REASON)
     info = parse_filename(path.name, folder_label=class_folder)
     return _Entry(
         path=str(path),

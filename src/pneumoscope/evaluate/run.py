@@ -77,6 +77,21 @@ def predict_rows(predictor: Predictor, rows: pd.DataFrame, y: np.ndarray, *, cac
     return SplitPredictions(rows=rows, y=y, probs=probs, probs_raw=probs_raw, uncertainty=predictive_entropy(probs))
 
 
+def _unreadable(df: pd.DataFrame, split: str) -> list[dict]:
+    """Files of ``split`` the scan could not use, each logged as one ``path: reason`` line: the
+    evaluation goes on without them, and metrics.json lists them so the count is never silent."""
+    bad = df[df["status"] != "ok"]
+    if split != "all" and len(bad):
+        official = bad["official_split"] if "official_split" in bad else bad["split"]
+        bad = bad[((official == split) if split == "test" else (bad["split"] == split)).to_numpy()]
+    out = [{"path": str(p), "reason": str(r)} for p, r in zip(bad["path"], bad["error"])]
+    for item in out:
+        log.error("%s: %s", item["path"], item["reason"])
+    if out:
+        log.warning("%d unreadable files left out of the evaluation (listed in metrics.json)", len(out))
+    return out
+
+
 def _val_rows(run_dir: Path | None, manifest_df: pd.DataFrame, task: str) -> tuple[pd.DataFrame, np.ndarray] | None:
     """The run's validation images (from ``split.csv``), labelled for ``task``; None if unavailable."""
     if run_dir is None or not (run_dir / "split.csv").exists():
@@ -119,6 +134,7 @@ def evaluate_model(model_path: str | Path, data_root: str | Path, *, split: str 
     if rows.empty:
         raise DatasetError(f"{data_root}: no labelled images in split {split!r} (splits here: {', '.join(splits)})")
     rows = rows.reset_index(drop=True)
+    unreadable = _unreadable(df, split)
     log.info("evaluating %s on %s split %s: %d images", predictor.model_id, data_root, split, len(rows))
 
     ev = predict_rows(predictor, rows, rows["y"].to_numpy(np.int64), cache_root=cache_root, tta=tta, seed=seed,
@@ -134,11 +150,13 @@ def evaluate_model(model_path: str | Path, data_root: str | Path, *, split: str 
     groups = ev.rows["patient_id"].astype(str).to_numpy()
     decision = predictor.decide(probs) if binary else probs.argmax(1)
 
+    lost = sorted(set(rows["path"]) - set(ev.rows["path"]))  # scanned fine, failed when cached (logged there)
+    unreadable += [{"path": p, "reason": "could not be decoded for the cache"} for p in lost]
     result: dict = {"model": predictor.model_id, "model_dir": str(predictor.source_dir), "data": str(data_root),
                     "split": split, "n_images": int(len(y)), "n_patients": int(len(set(groups))), "task": task,
                     "class_names": class_names, "tta_samples": tta,
                     "threshold": {"value": thr, **(predictor.threshold_info or {"rule": "argmax" if not binary else "0.5"})},
-                    "temperature": predictor.temperature}
+                    "temperature": predictor.temperature, "unreadable": unreadable}
     if binary:
         p1 = probs[:, 1]
         at_thr = binary_metrics(y, p1, threshold=thr)

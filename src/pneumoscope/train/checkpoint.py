@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pneumoscope.errors import ModelError
+from pneumoscope.utils.faults import fault_point
 from pneumoscope.utils.io import atomic_path, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def save_checkpoint(root: str | Path, name: str, *, model: torch.nn.Module, meta
         _write_tensors(d / "optim.safetensors", tensors)
         atomic_write_json(d / "state.json", {**(state or {}), "optimizer": opt_meta})
     files = {p.name: sha256_file(p) for p in sorted(d.iterdir())}
+    fault_point("checkpoint_write")  # tests: killed here, the previous pointer must stay in force
     atomic_write_json(pointer, {"serial": serial, "dir": d.name, "files": files})
     _prune(root, name, keep)
     log.debug("saved checkpoint %s", d)

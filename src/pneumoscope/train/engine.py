@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from pneumoscope.data.loader import epoch_seed
 from pneumoscope.data.presets import EvalPreset, TrainPreset
 from pneumoscope.train.losses import logits_to_probs
+from pneumoscope.utils.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,7 @@ def train_one_epoch(model: nn.Module, source, *, order: np.ndarray, criterion: n
         (loss / grad_accum).backward()
         if (i + 1) % grad_accum == 0 or i + 1 == len(batches):
             optimizer.step()
+            fault_point("train_step")  # tests: a kill in the middle of an epoch
             optimizer.zero_grad(set_to_none=True)
             if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step()

@@ -19,7 +19,19 @@ from typing import Any, Iterator
 
 import yaml
 
-from pneumoscope.errors import RunLockedError
+from pneumoscope.errors import RunLockedError, StorageError
+from pneumoscope.utils.faults import fault_point
+
+#: errno values that mean "the disk refused the write", not "the program is wrong".
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+def storage_error(path: str | os.PathLike[str], err: OSError) -> StorageError | None:
+    """A one-line :class:`StorageError` for a full / read-only disk (None for other OSErrors)."""
+    if err.errno not in _DISK_ERRNOS:
+        return None
+    return StorageError(f"{path}: {err.strerror or os.strerror(err.errno)} while writing; "
+                        "the previous version of the file is intact")
 
 
 def _umask_mode() -> int:
@@ -41,10 +53,13 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, _umask_mode())
+        fault_point("atomic_write")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and (disk := storage_error(path, err)) is not None:
+            raise disk from None
         raise
     return path
 
@@ -80,7 +95,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, _umask_mode())
+        fault_point("atomic_write")
         os.replace(tmp_path, path)
+    except OSError as err:
+        if (disk := storage_error(path, err)) is not None:
+            raise disk from None
+        raise
     finally:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
