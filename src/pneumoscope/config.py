@@ -30,6 +30,9 @@ class DataConfig(_Strict):
     cache_dir: str | None = None
     workers: int = Field(2, ge=1, le=64)
     limit_per_class: int | None = Field(None, ge=1, description="use at most N train images per class (smoke runs)")
+    synthetic: str | None = Field(None, description="CSV or folder of synthetic images (`pneumoscope gan sample`) "
+                                                    "added to the TRAIN split only, never to val/test")
+    synthetic_per_class: int | None = Field(None, ge=1, description="use at most N synthetic images per class")
 
 
 class PreprocessConfig(_Strict):
@@ -115,6 +118,9 @@ class TrainConfig(_Strict):
     sync_bn: bool = False
     save_every_steps: int | None = Field(None, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    dummy_class: bool = Field(False, description="extra output trained on mixed-class (ambiguous) images; "
+                                                  "dropped at evaluation (pneumoscope.train.dummy)")
+    dummy_fraction: float = Field(0.2, gt=0.0, le=1.0, description="dummy examples per real train image")
 
     @model_validator(mode="after")
     def _phases_nonempty(self) -> "TrainConfig":
