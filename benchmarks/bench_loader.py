@@ -1,6 +1,9 @@
 """Loader benchmark: images/s delivered to the model, notebook pipeline vs pneumoscope's cache.
 
-"Delivered" means a normalised float batch (32, 3, 224, 224) ready for EfficientNet-Lite0,
+"Delivered" means a normalised float batch ready for EfficientNet-Lite0 as each pipeline's model
+takes it: (32, 3, 224, 224) for the notebooks' (grayscale replicated to RGB), (32, 1, 224, 224) for
+pneumoscope's ``default`` config (``model.in_chans: 1``: the pretrained first conv's RGB weights
+summed, the same function with a third of the input floats to write),
 *including* the training augmentation (rotation ±10°, shift ±6 %, zoom 0.9-1.1,
 brightness/contrast ±20 %: :class:`pneumoscope.data.presets.AugmentSpec`'s defaults, which the
 ``default`` config uses). All pipelines read the same images in the same run:
@@ -182,12 +185,21 @@ def run_cached_dataset(cache, hashes: list[str], labels: np.ndarray, augment, pr
 
 
 # ----------------------------------------------------------------------------------- (c) model
-def run_model(*, batches: int, warmup: int, seed: int) -> dict:
+def default_in_chans() -> int:
+    """Input channels of the ``default`` config's model: what (b) must deliver and (c) consumes."""
+    from pneumoscope.config import load_config
+    from pneumoscope.models import get_card
+
+    cfg = load_config("default")
+    return int(cfg.model.in_chans or get_card(cfg.model.name).in_chans)
+
+
+def run_model(*, batches: int, warmup: int, seed: int, in_chans: int) -> dict:
     """EfficientNet-Lite0 forward + backward (cross-entropy) on a fixed in-memory batch."""
     from pneumoscope.models import create_model
 
     torch.manual_seed(seed)
-    model = create_model(MODEL, num_classes=2, pretrained=False).train()
+    model = create_model(MODEL, num_classes=2, pretrained=False, in_chans=in_chans).train()
     model.to(memory_format=torch.channels_last)
     x = torch.randn(BATCH, model.card.in_chans, SIZE, SIZE).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (BATCH,))
@@ -249,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     n = len(items)
     model_batches = args.model_batches or max(1, min(20, n // BATCH))
     card = get_card(MODEL)
+    in_chans = default_in_chans()
     aug_spec = AugmentSpec()  # the default config's augmentation
     spec = PreprocessSpec(size=SIZE, resize="squash")  # the default config's preprocessing
     log.info("%d train images from %s, %d epoch(s), torch threads %d", n, args.data, args.epochs,
@@ -280,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         with Timer() as t_get:
             images = cache.get(hashes)  # what prepare_data() holds in memory for training
 
-        preset = EvalPreset.from_card(card, channels_last=True)
+        preset = EvalPreset.from_card(card, in_chans=in_chans, channels_last=True)
         augment = TrainPreset(aug_spec)
         transform = plain_transform(aug_spec, list(card.mean), list(card.std))
 
@@ -296,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                                                               epochs=args.epochs, seed=args.seed)
         del images
     log.info("(c) %s forward+backward, %d batch(es) ...", MODEL, model_batches)
-    model = run_model(batches=model_batches, warmup=args.model_warmup, seed=args.seed)
+    model = run_model(batches=model_batches, warmup=args.model_warmup, seed=args.seed, in_chans=in_chans)
 
     plain0 = results["plain_nw0"]["images_per_s"]
     best_plain = max(results["plain_nw0"]["images_per_s"], results["plain_nw2"]["images_per_s"])

@@ -58,3 +58,24 @@ def test_eval_preset_normalises_with_card_statistics():
     x1 = EvalPreset(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), in_chans=1)(u8)
     assert x1.shape == (2, 1, 8, 8)
     assert torch.allclose(x1, torch.full_like(x1, (1 - 0.449) / 0.226), atol=1e-3)
+
+
+def test_one_channel_eval_preset_equals_the_three_channel_path(pick, data_root):
+    """The in-place 1-channel fast path gives exactly the values of the broadcast 3-channel path."""
+    u8 = torch.from_numpy(np.stack([preprocess(decode_image(p), PreprocessSpec(size=64)) for p in pick(data_root, "train", "NORMAL", 2)]))
+    three = EvalPreset(mean=(0.5,) * 3, std=(0.5,) * 3, in_chans=3, channels_last=True)(u8)
+    one = EvalPreset(mean=(0.5,), std=(0.5,), in_chans=1, channels_last=True)(u8)
+    assert one.shape == (2, 1, *u8.shape[1:]) and one.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(one[:, 0], three[:, 0], atol=1e-6) and torch.allclose(three[:, 0], three[:, 2])
+
+
+def test_contrast_is_taken_around_the_brightened_mean():
+    """Brightness then contrast about the image's own mean: a flat image is unchanged by contrast."""
+    flat = torch.full((1, 32, 32), 100, dtype=torch.uint8)
+    only_contrast = TrainPreset(AugmentSpec(rotate=0, translate=0, scale_min=1, scale_max=1, brightness=0,
+                                            contrast=0.5))
+    assert torch.equal(only_contrast(flat), flat)
+    ramp = (60 + torch.arange(32 * 32).reshape(1, 32, 32).remainder(80)).to(torch.uint8)  # no clipping
+    torch.manual_seed(1)
+    out = only_contrast(ramp).float()
+    assert abs(out.mean().item() - ramp.float().mean().item()) < 1.0 and out.std() != ramp.float().std()
