@@ -247,15 +247,22 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, *, opset: int = 17,
     meta = json.loads((src_dir / "model.json").read_text())
     meta.pop("onnx", None)
     weights = src_dir / "model.safetensors"
-    model = build_from_spec(meta["model"])
-    load_weights(model, weights)
-    model = model.float().eval().to(memory_format=torch.contiguous_format)
-    meta["model"] = {**meta["model"], "card": model.card.to_dict()}
+    ensemble = None
+    if "ensemble" in meta:  # one graph holding every member, averaging their calibrated probabilities
+        from pneumoscope.ensemble import EnsemblePredictor
+
+        ensemble = EnsemblePredictor.load(src_dir)
+        model = ensemble.export_module()
+    else:
+        model = build_from_spec(meta["model"])
+        load_weights(model, weights)
+        model = model.float().eval().to(memory_format=torch.contiguous_format)
+        meta["model"] = {**meta["model"], "card": model.card.to_dict()}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
     try:
-        torch_pred = Predictor(model, meta)  # the real eval path (channels_last on CPU, same preset)
+        torch_pred = ensemble or Predictor(model, meta)  # the real eval path (channels_last on CPU, same preset)
         size = torch_pred.spec.size
         example = torch_pred.preset(torch.zeros(2, size, size, dtype=torch.uint8)).contiguous()
         t0 = time.perf_counter()

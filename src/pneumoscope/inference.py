@@ -80,6 +80,10 @@ class Predictor:
             meta = json.loads((d / "model.json").read_text())
         except (OSError, ValueError) as err:
             raise ModelError(f"{d / 'model.json'}: unreadable model description ({err})") from None
+        if isinstance(meta, dict) and "ensemble" in meta:  # an ensemble directory is a model too
+            from pneumoscope.ensemble import EnsemblePredictor
+
+            return EnsemblePredictor.load(d, device)
         model = build_from_spec(meta["model"])
         load_weights(model, d / "model.safetensors")
         model.float()
@@ -128,6 +132,15 @@ class Predictor:
             gens = [torch.Generator().manual_seed((seed * 1_000_003 + s * 7_919 + key) % (2**63)) for key in keys]
             out.append(self.predict_u8(aug.batch(u8, generators=gens), batch_size).probs)
         return np.stack(out)
+
+    def cams(self, u8: torch.Tensor, target, method: str = "gradcam") -> np.ndarray:  # noqa: ANN001
+        """Class activation maps (N, S, S) in [0, 1] for preprocessed uint8 images; ``target`` as in
+        :func:`~pneumoscope.explain.cam.compute_cams`. One method so that an ensemble can answer
+        with the mean of its members' maps wherever a single model's map is drawn."""
+        from pneumoscope.explain.cam import compute_cams
+
+        x = self.preset(u8.unsqueeze(1)).to(self.device)
+        return compute_cams(self.model, x, target, method)
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
         """Class index per row: the stored threshold on P(class 1) for binary models, argmax otherwise."""

@@ -175,11 +175,9 @@ def cam_overlays(predictor: Predictor, u8: torch.Tensor, originals: Sequence[np.
     """
     import cv2
 
-    from pneumoscope.explain.cam import compute_cams
     from pneumoscope.explain.overlay import overlay
 
-    x = predictor.preset(u8.unsqueeze(1)).to(predictor.device)
-    cams = np.asarray(compute_cams(predictor.model, x, [int(t) for t in target], method="gradcam"), np.float32)
+    cams = np.asarray(predictor.cams(u8, [int(t) for t in target], "gradcam"), np.float32)
     size = predictor.spec.size
     out = []
     for img, cam in zip(originals, cams):

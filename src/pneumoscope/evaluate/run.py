@@ -111,7 +111,8 @@ def evaluate_model(model_path: str | Path, data_root: str | Path, *, split: str 
     from pneumoscope.train.fit import load_manifest
 
     predictor = Predictor.load(model_path)
-    run_dir = Path(model_path) if (Path(model_path) / "checkpoints").exists() else None
+    # a run, or an ensemble directory (its split.csv holds the validation split its members share)
+    run_dir = Path(model_path) if any((Path(model_path) / f).exists() for f in ("checkpoints", "split.csv")) else None
     out_dir = Path(out) if out else (run_dir or predictor.source_dir) / "eval" / split
     cache_root = Path(cache_root) if cache_root else default_cache_root()
     task, class_names = predictor.meta["task"], predictor.class_names

@@ -56,7 +56,7 @@ def explain_files(
 ) -> dict[str, Any]:
     """Explain ``images`` with a loaded predictor; writes the PNGs and JSON, returns the JSON content."""
     from pneumoscope.data.imageio import decode_image
-    from pneumoscope.explain.cam import CAM_METHODS, compute_cams
+    from pneumoscope.explain.cam import CAM_METHODS
     from pneumoscope.explain.lungs import border_attention, lung_attention, lung_mask
     from pneumoscope.explain.overlay import save_explanation_png
     from pneumoscope.utils.io import atomic_write_json
@@ -83,8 +83,7 @@ def explain_files(
         probs = predictor.predict_u8(u8).probs
         decision = int(predictor.decide(probs)[0])
         cam_class = decision if target_idx is None else target_idx
-        x = predictor.preset(u8.unsqueeze(1)).to(predictor.device)
-        cam = compute_cams(predictor.model, x, [cam_class], method)[0]
+        cam = predictor.cams(u8, [cam_class], method)[0]  # an ensemble: the mean of its members' CAMs
         gray = u8[0].numpy()
         mask, how = lung_mask(gray)
         prob_map = {c: float(p) for c, p in zip(names, probs[0])}

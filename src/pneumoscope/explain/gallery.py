@@ -134,8 +134,6 @@ def _explain_group(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """CAMs of the decided class for ``rows.iloc[positions]``: (attention records, gallery items)."""
     from pneumoscope.data.imageio import decode_image
-    from pneumoscope.explain.cam import compute_cams
-
     names = list(predictor.class_names)
     prob_label = f"P({names[1]})" if len(names) == 2 else "p"
     images, kept = [], []
@@ -150,8 +148,7 @@ def _explain_group(
     if not images:
         return [], []
     u8 = predictor.prepare(images)
-    x = predictor.preset(u8.unsqueeze(1)).to(predictor.device)
-    cams = compute_cams(predictor.model, x, [int(r["decision"]) for r in kept], method)
+    cams = predictor.cams(u8, [int(r["decision"]) for r in kept], method)
     records, items = [], []
     for row, img, cam in zip(kept, u8.numpy(), cams):
         mask, how = lung_mask(img)

@@ -90,27 +90,34 @@ def _cnn5_block(in_ch: int, out_ch: int, dropout: float) -> nn.Sequential:
     )
 
 
+def _scaled(widths: tuple[int, ...], width: float) -> list[int]:
+    if not 0.0 < width <= 8.0:
+        raise ValueError(f"width must be in (0, 8], got {width}")
+    return [max(4, round(c * width)) for c in widths]
+
+
 @register_model("cnn3", CNN3_CARD)
-def build_cnn3(source: WeightSource | None, dense_dropout: float = 0.5) -> BackboneParts:
-    """Notebook baseline: three conv blocks; stages = the three blocks. ``dense_dropout`` is the notebook's 0.5."""
-    widths = (1, 32, 64, 128)
+def build_cnn3(source: WeightSource | None, dense_dropout: float = 0.5, width: float = 1.0) -> BackboneParts:
+    """Notebook baseline: three conv blocks; stages = the three blocks. ``dense_dropout`` is the notebook's 0.5;
+    ``width`` multiplies the conv channels (the width axis of the experiment roadmap; 1.0 = the notebook)."""
+    widths = (1, *_scaled((32, 64, 128), width))
     stages = [_cnn3_block(widths[i], widths[i + 1]) for i in range(3)]
     pool = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(1))
     pre_logits = nn.Sequential(
-        OrderedDict([("fc", nn.Linear(128 * 16, 128)), ("act", nn.ReLU()), ("drop", nn.Dropout(dense_dropout))])
+        OrderedDict([("fc", nn.Linear(widths[-1] * 16, 128)), ("act", nn.ReLU()), ("drop", nn.Dropout(dense_dropout))])
     )
     return BackboneParts(stages=stages, pool=pool, pre_logits=pre_logits)
 
 
 @register_model("cnn5", CNN5_CARD)
-def build_cnn5(source: WeightSource | None, block_dropout: float = 0.2) -> BackboneParts:
-    """Notebook 5-block CNN; stages = the five blocks (each halves the resolution)."""
-    widths = (1, 32, 64, 128, 256, 512)
+def build_cnn5(source: WeightSource | None, block_dropout: float = 0.2, width: float = 1.0) -> BackboneParts:
+    """Notebook 5-block CNN; stages = the five blocks (each halves the resolution); ``width`` multiplies the channels."""
+    widths = (1, *_scaled((32, 64, 128, 256, 512), width))
     stages = [_cnn5_block(widths[i], widths[i + 1], block_dropout) for i in range(5)]
     pre_logits = nn.Sequential(
         OrderedDict(
             [
-                ("fc1", nn.Linear(512, 128)),
+                ("fc1", nn.Linear(widths[-1], 128)),
                 ("act1", nn.ReLU()),
                 ("drop1", nn.Dropout(0.5)),
                 ("fc2", nn.Linear(128, 64)),
