@@ -127,6 +127,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return explain_command(args.run, args.images, args.out, method=args.method, target=args.target)
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from pneumoscope.ensemble import ensemble_command
+
+    return ensemble_command(args.runs, args.out, rule=args.rule, cache_dir=args.cache_dir, progress=_progress(args))
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pneumoscope.sweep import sweep_command
+
+    return sweep_command(args.file, data=args.data, out=args.out, reduced=args.reduced, dry_run=args.dry_run,
+                         only=args.only, progress=_progress(args))
+
+
 def cmd_bundle(args: argparse.Namespace) -> int:
     from pneumoscope.bundle import package_model
 
@@ -244,6 +257,25 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--method", default="gradcam", help="gradcam | gradcam++ | xgradcam | eigencam | layercam")
     xp.add_argument("--target", default=None, help="class name to explain (default: the predicted class)")
     xp.set_defaults(func=cmd_explain)
+
+    en = sub.add_parser("ensemble", help="combine finished runs into one model (mean of calibrated probabilities)")
+    en.add_argument("runs", nargs="+", help="run directories sharing task, classes, preprocessing and validation split")
+    en.add_argument("--out", required=True, help="ensemble directory (usable wherever a run or model is)")
+    en.add_argument("--rule", choices=["mean", "val_weighted"], default="mean",
+                    help="plain mean, or weights proportional to each member's validation AUROC - 0.5")
+    en.add_argument("--cache-dir", default=None, help="image cache holding the validation images (default: the runs')")
+    en.add_argument("--no-progress", action="store_true")
+    en.set_defaults(func=cmd_ensemble)
+
+    sw = sub.add_parser("sweep", help="run a grid/list of config overrides (resumable) and tabulate the results")
+    sw.add_argument("file", help="sweep YAML (e.g. experiments/roadmap.yaml)")
+    _data_arg(sw)
+    sw.add_argument("--out", default=None, help="sweep folder (default runs/sweeps/<file name>[-reduced])")
+    sw.add_argument("--reduced", action="store_true", help="apply the file's reduced: section (a quick CPU version)")
+    sw.add_argument("--dry-run", action="store_true", help="print the plan and an estimated time; train nothing")
+    sw.add_argument("--only", action="append", default=None, metavar="EXPERIMENT", help="run only these experiments")
+    sw.add_argument("--no-progress", action="store_true")
+    sw.set_defaults(func=cmd_sweep)
 
     bd = sub.add_parser("bundle", help="package a trained, test-evaluated run as the built-in fp16 model")
     bd.add_argument("run")
