@@ -44,6 +44,7 @@ from pneumoscope.train.checkpoint import (load_model_state, load_training_state,
                                           save_checkpoint)
 from pneumoscope.train.engine import (FeatureSource, ImageSource, _FromStage, evaluate, extract_features,
                                       predict_logits, train_one_epoch)
+from pneumoscope.train.dummy import RealClasses, drop_dummy_output
 from pneumoscope.train.losses import build_loss, class_weights_from_counts, num_outputs
 from pneumoscope.train.schedules import build_optimizer, build_scheduler
 from pneumoscope.utils.io import RunLock, atomic_path, atomic_write_json, atomic_write_text, atomic_write_yaml
@@ -91,6 +92,35 @@ def load_manifest(data_root: str | Path, *, val_fraction: float, seed: int, prog
         return manifest
 
 
+def synthetic_rows(source: str | Path, task: str, class_names: list[str], *, per_class: int | None, seed: int,
+                   progress: bool = False, workers: int = 2) -> pd.DataFrame:
+    """Manifest rows (with task labels ``y``) of a synthetic-image CSV/folder, e.g. from ``pneumoscope gan sample``.
+
+    Every row is marked ``split='train'`` whatever the file says: the caller adds them to the train
+    portion only. ``per_class`` keeps a seeded random subset of at most that many per class.
+    """
+    from pneumoscope.data.scan import scan_dataset
+
+    path = Path(source)
+    if path.is_dir() and (path / "samples.csv").is_file():
+        path = path / "samples.csv"
+    if not path.exists():
+        raise DatasetError(f"{source}: data.synthetic: no such CSV or folder")
+    df = scan_dataset(path, progress=progress, workers=workers).df.reset_index(drop=True)
+    for p, err in zip(df.loc[df["status"] != "ok", "path"], df.loc[df["status"] != "ok", "error"]):
+        log.error("%s: %s (synthetic image skipped)", p, err)
+    mask, y, names = task_labels(df, task)
+    if [c.lower() for c in names] != [c.lower() for c in class_names]:
+        raise DatasetError(f"{source}: synthetic classes {names} do not match the task's classes {class_names}")
+    rows = df[mask].assign(y=y, split="train")
+    if per_class:
+        rng = np.random.default_rng(seed)
+        rows = pd.concat([g.iloc[np.sort(rng.permutation(len(g))[:per_class])] for _, g in rows.groupby("y")])
+    log.info("data.synthetic: adding %s synthetic images (per class) from %s to the train split",
+             np.bincount(rows["y"], minlength=len(class_names)).tolist(), source)
+    return rows
+
+
 def prepare_data(cfg: RunConfig, data_root: str | Path, *, cache_root: Path, progress: bool,
                  dist: ddp.DistInfo, manifest: Manifest | None = None) -> PreparedData:
     """Manifest → task labels → train/val rows → cached uint8 images (test rows are never touched)."""
@@ -109,6 +139,10 @@ def prepare_data(cfg: RunConfig, data_root: str | Path, *, cache_root: Path, pro
             return pd.concat(keep).sort_index()
         train = _limit(train, cfg.data.limit_per_class)
         val = _limit(val, max(4, cfg.data.limit_per_class // 3))
+    if cfg.data.synthetic:  # synthetic images join TRAIN only, after the patient split (never val/test)
+        train = pd.concat([train, synthetic_rows(cfg.data.synthetic, cfg.task, class_names,
+                                                 per_class=cfg.data.synthetic_per_class, seed=cfg.seed,
+                                                 progress=progress and dist.is_main, workers=cfg.data.workers)])
     for name, part in (("train", train), ("val", val)):
         counts = np.bincount(part["y"], minlength=len(class_names))
         if (counts == 0).any():
@@ -263,8 +297,20 @@ def _fit(cfg: RunConfig, run_dir: Path, *, data_root, resume: bool, cache_root: 
              np.bincount(data.y_train).tolist(), np.bincount(data.y_val).tolist())
 
     n_classes = len(data.class_names)
+    real_data, dummy = data, cfg.train.dummy_class
+    if dummy:  # an extra "ambiguous" class trained on mixed-class blends; see pneumoscope.train.dummy
+        from dataclasses import replace
+
+        from pneumoscope.train.dummy import with_dummy_examples
+
+        if cfg.train.loss.name == "bce":
+            raise ConfigError("train.dummy_class needs a softmax loss (ce or focal), not bce")
+        imgs, ys = with_dummy_examples(data.train_images, data.y_train, n_classes, cfg.train.dummy_fraction, cfg.seed)
+        data = replace(data, train_images=imgs, y_train=ys)
+        log.info("dummy class: %d mixed-class examples added to train as class %d", int((ys == n_classes).sum()),
+                 n_classes)
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model.name, num_classes=num_outputs(cfg.train.loss.name, n_classes),
+    model = create_model(cfg.model.name, num_classes=num_outputs(cfg.train.loss.name, n_classes) + int(dummy),
                          pretrained=cfg.model.pretrained, in_chans=cfg.model.in_chans, head=cfg.model.head,
                          dropout=cfg.model.dropout, **cfg.model.kwargs)
     if cfg.train.sync_bn and dist.enabled:
@@ -279,11 +325,11 @@ def _fit(cfg: RunConfig, run_dir: Path, *, data_root, resume: bool, cache_root: 
 
     lw = cfg.train.loss
     if lw.class_weights == "auto":
-        weights = class_weights_from_counts(np.bincount(data.y_train, minlength=n_classes))
+        weights = class_weights_from_counts(np.bincount(data.y_train, minlength=n_classes + int(dummy)))
     elif isinstance(lw.class_weights, list):
         if len(lw.class_weights) != n_classes:
             raise ConfigError(f"train.loss.class_weights: expected {n_classes} values, got {len(lw.class_weights)}")
-        weights = np.asarray(lw.class_weights, dtype=np.float64)
+        weights = np.asarray(lw.class_weights + [1.0] * int(dummy), dtype=np.float64)
     else:
         weights = None
     criterion = build_loss(lw.name, class_weights=weights, focal_gamma=lw.focal_gamma, focal_alpha=lw.focal_alpha,
@@ -378,7 +424,8 @@ def _fit(cfg: RunConfig, run_dir: Path, *, data_root, resume: bool, cache_root: 
                 tr["loss"], tr["accuracy"] = ddp.all_reduce_mean([tr["loss"], tr["accuracy"]], dist)
                 tr["images_per_s"] *= dist.world_size
             ev_idx = np.arange(dist.rank, len(val_src), dist.world_size) if dist.enabled else None
-            ev = evaluate(model, val_src, criterion=eval_criterion, preset=preset, size=loop_size, device=device,
+            ev = evaluate(RealClasses(model, n_classes) if dummy else model, val_src,  # real classes only
+                          criterion=eval_criterion, preset=preset, size=loop_size, device=device,
                           channels_last=channels_last, gather=gather, indices=ev_idx)
             value = _metric_value(metric_name, ev)
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -406,8 +453,9 @@ def _fit(cfg: RunConfig, run_dir: Path, *, data_root, resume: bool, cache_root: 
             state.scheduler = _scheduler_state(scheduler)
             if dist.is_main:
                 if improved:
-                    save_checkpoint(ckpt_root, "best", model=model, keep=1, meta=checkpoint_meta(
-                        model, cfg=cfg, class_names=data.class_names, spec=data.spec, input_size=size,
+                    best_model = drop_dummy_output(model, n_classes) if dummy else model
+                    save_checkpoint(ckpt_root, "best", model=best_model, keep=1, meta=checkpoint_meta(
+                        best_model, cfg=cfg, class_names=data.class_names, spec=data.spec, input_size=size,
                         extra={"epoch": ge + 1, "val_metrics": _clean(ev)}))
                 save_checkpoint(ckpt_root, "last", model=model, optimizer=optimizer, keep=cfg.train.keep_checkpoints,
                                 state={"fit": state.to_dict(), "history": history},
@@ -423,7 +471,7 @@ def _fit(cfg: RunConfig, run_dir: Path, *, data_root, resume: bool, cache_root: 
 
     summary = {}
     if dist.is_main:
-        summary = finalize(cfg, run_dir, data=data, device=device, channels_last=channels_last)
+        summary = finalize(cfg, run_dir, data=real_data, device=device, channels_last=channels_last)
         summary["train_seconds"] = time.perf_counter() - t_start
         atomic_write_json(run_dir / "summary.json", summary)
     ddp.barrier(dist)
