@@ -38,7 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pneumoscope.data.preprocess import PREPROCESS_VERSION, PreprocessSpec, preprocess
-from pneumoscope.errors import ImageDecodeError
+from pneumoscope.errors import ImageDecodeError, RunLockedError
 from pneumoscope.utils.faults import fault_point
 from pneumoscope.utils.io import RunLock, atomic_write_json, storage_error
 
@@ -73,18 +73,29 @@ class ImageCache:
         self._crc: list[int] = []
         self._bad: set[int] = set()
         self._mmap: np.memmap | None = None
-        self._load_index()
+        try:  # repair a killed build's leftovers now, unless a builder is at work right now
+            with RunLock(self.dir):
+                self._load_index(repair=True)
+        except RunLockedError:
+            self._load_index()
 
     # ------------------------------------------------------------------ index
     @property
     def data_path(self) -> Path:
         return self.dir / "images.u8"
 
-    def _load_index(self) -> None:
+    def _load_index(self, repair: bool = False) -> None:
+        """Read the index. ``repair`` (only under the build lock) also truncates ``images.u8`` to
+        the indexed slots: bytes past them are a killed build's unindexed tail, and new slots are
+        appended, so a tail left in place would shift every new slot off its offset."""
         idx_path = self.dir / "index.json"
         spec_path = self.dir / "spec.json"
         self._slots, self._crc, self._bad = {}, [], set()
         if not idx_path.exists():
+            if repair and self.data_path.exists() and self.data_path.stat().st_size:
+                log.warning("cache data %s has no index (a build was killed); starting it again", self.data_path)
+                with open(self.data_path, "r+b") as fh:
+                    fh.truncate(0)
             return
         try:
             idx = json.loads(idx_path.read_text())
@@ -96,21 +107,22 @@ class ImageCache:
                 raise ValueError("inconsistent index")
         except (OSError, ValueError, KeyError, TypeError) as err:
             log.warning("cache index %s is damaged (%s); rebuilding the cache", idx_path, err)
-            self._reset_files()
+            self._reset_files(delete=repair)
             return
         size = self.data_path.stat().st_size if self.data_path.exists() else 0
         need = len(crc) * self._slot_bytes
         if size < need:
             log.warning("cache data %s is shorter than its index; rebuilding", self.data_path)
-            self._reset_files()
+            self._reset_files(delete=repair)
             return
-        if size > need:  # a build was killed after appending, before writing the index
+        if size > need and repair:  # a build was killed after appending, before writing the index
             with open(self.data_path, "r+b") as fh:
                 fh.truncate(need)
         self._slots, self._crc = slots, crc
 
-    def _reset_files(self) -> None:
-        for name in ("index.json", "images.u8"):
+    def _reset_files(self, delete: bool = True) -> None:
+        """Forget the index; ``delete`` (under the build lock only) also removes the files."""
+        for name in ("index.json", "images.u8") if delete else ():
             (self.dir / name).unlink(missing_ok=True)
         self._slots, self._crc, self._bad = {}, [], set()
         self._mmap = None
@@ -170,7 +182,7 @@ class ImageCache:
 
         report = BuildReport()
         with RunLock(self.dir):
-            self._load_index()
+            self._load_index(repair=True)
             if verify:
                 self.verify()
             todo: dict[str, str] = {}

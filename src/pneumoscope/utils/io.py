@@ -26,12 +26,19 @@ from pneumoscope.utils.faults import fault_point
 _DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 
 
-def storage_error(path: str | os.PathLike[str], err: OSError) -> StorageError | None:
-    """A one-line :class:`StorageError` for a full / read-only disk (None for other OSErrors)."""
-    if err.errno not in _DISK_ERRNOS:
+def storage_error(path: str | os.PathLike[str], err: BaseException) -> StorageError | None:
+    """A one-line :class:`StorageError` for a full / read-only disk (None for anything else).
+
+    Also recognises writers that wrap the OS error in their own type: safetensors (Rust) raises
+    ``SafetensorError("... No space left on device (os error 28)")``, not an ``OSError``.
+    """
+    code = err.errno if isinstance(err, OSError) else None
+    if code is None:
+        text = str(err)
+        code = next((c for c in _DISK_ERRNOS if f"(os error {c})" in text), None)
+    if code not in _DISK_ERRNOS:
         return None
-    return StorageError(f"{path}: {err.strerror or os.strerror(err.errno)} while writing; "
-                        "the previous version of the file is intact")
+    return StorageError(f"{path}: {os.strerror(code)} while writing; the previous version of the file is intact")
 
 
 def _umask_mode() -> int:
@@ -58,7 +65,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(err, OSError) and (disk := storage_error(path, err)) is not None:
+        if isinstance(err, Exception) and (disk := storage_error(path, err)) is not None:
             raise disk from None
         raise
     return path
@@ -97,7 +104,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.chmod(tmp_path, _umask_mode())
         fault_point("atomic_write")
         os.replace(tmp_path, path)
-    except OSError as err:
+    except Exception as err:
         if (disk := storage_error(path, err)) is not None:
             raise disk from None
         raise
