@@ -94,6 +94,40 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     df = compare_runs(args.runs, args.out, split=args.split)
     sys.stdout.write(df.to_markdown(index=False, floatfmt=".4f") + "\n")
+    if args.paired:
+        from pneumoscope.report.paired import paired_comparison
+
+        if len(args.runs) != 2:
+            raise PneumoscopeError(f"--paired compares exactly two runs, got {len(args.runs)}")
+        paired_comparison(args.runs[0], args.runs[1], args.out, split=args.split, n_boot=args.bootstrap)
+        sys.stdout.write(Path(args.out, "paired.md").read_text())
+    return 0
+
+
+def cmd_gan(args: argparse.Namespace) -> int:
+    from pneumoscope.data.paths import resolve_data_root
+
+    if args.gan_command == "train":
+        from pneumoscope.gan.train import train_gan
+
+        keys = ("size", "epochs", "batch_size", "seed", "width", "z_dim", "lr_g", "lr_d", "val_fraction", "threads")
+        config = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+        root = resolve_data_root(args.data) if (args.data or not args.resume) else None
+        row = train_gan(root, args.out, config=config, resume=args.resume, progress=_progress(args))
+        log.info("GAN %s: epoch %s, discriminator class accuracy on val %s", args.out, row.get("epoch"),
+                 row.get("val_class_accuracy"))
+    elif args.gan_command == "sample":
+        from pneumoscope.gan.sample import sample_command
+
+        sample_command(args.gan_dir, args.cls, args.n, args.out, seed=args.seed)
+        sys.stdout.write(f"{Path(args.out, 'samples.csv')}\n")
+    else:
+        from pneumoscope.gan.evaluate import evaluate_gan
+
+        res = evaluate_gan(args.gan_dir, resolve_data_root(args.data) if args.data else None,
+                           classifier=args.classifier, out=args.out, n_synthetic=args.n, bootstrap=args.bootstrap,
+                           include_test=not args.no_test, progress=_progress(args))
+        sys.stdout.write(Path(res["out_dir"], "gan_eval.md").read_text())
     return 0
 
 
@@ -221,7 +255,46 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("runs", nargs="+")
     cp.add_argument("--out", default="out/compare")
     cp.add_argument("--split", default="test")
+    cp.add_argument("--paired", action="store_true",
+                    help="two runs: differences A-B with paired patient-bootstrap CIs (paired.md)")
+    cp.add_argument("--bootstrap", type=int, default=2000, help="resamples for --paired")
     cp.set_defaults(func=cmd_compare)
+
+    gan = sub.add_parser("gan", help="ACGAN: train, sample synthetic X-rays, evaluate").add_subparsers(
+        dest="gan_command", required=True)
+    gt = gan.add_parser("train", help="train an ACGAN on the train split (normal/bacterial/viral)")
+    _data_arg(gt)
+    gt.add_argument("--out", required=True, help="GAN directory")
+    gt.add_argument("--resume", action="store_true", help="continue the run in --out (e.g. with more --epochs)")
+    gt.add_argument("--epochs", type=int, default=None, help="total epochs (default 20)")
+    gt.add_argument("--size", type=int, default=None, help="image size, power of two (default 64)")
+    gt.add_argument("--batch-size", type=int, default=None, help="default 64")
+    gt.add_argument("--width", type=int, default=None, help="base channel width (default 32)")
+    gt.add_argument("--z-dim", type=int, default=None)
+    gt.add_argument("--lr-g", type=float, default=None)
+    gt.add_argument("--lr-d", type=float, default=None)
+    gt.add_argument("--val-fraction", type=float, default=None)
+    gt.add_argument("--seed", type=int, default=None)
+    gt.add_argument("--threads", type=int, default=None)
+    gt.add_argument("--no-progress", action="store_true")
+    gs = gan.add_parser("sample", help="write synthetic images of a class as PNG + samples.csv")
+    gs.add_argument("gan_dir")
+    gs.add_argument("--class", dest="cls", required=True, help="normal | bacterial | viral | all")
+    gs.add_argument("-n", type=int, default=100, help="images per class")
+    gs.add_argument("--out", required=True)
+    gs.add_argument("--seed", type=int, default=0)
+    ge = gan.add_parser("evaluate", help="discriminator as a 3-class classifier; Fréchet distance; sample grid")
+    ge.add_argument("gan_dir")
+    _data_arg(ge)
+    ge.add_argument("--classifier", default=None, help="trained run whose penultimate features define the distance")
+    ge.add_argument("--out", default=None, help="default GAN_DIR/eval")
+    ge.add_argument("-n", type=int, default=None, help="synthetic images per class (default: as many as val has)")
+    ge.add_argument("--bootstrap", type=int, default=1000)
+    ge.add_argument("--no-test", action="store_true", help="skip the official test split")
+    ge.add_argument("--no-progress", action="store_true")
+    gan_parsers = (gt, gs, ge)
+    for p in gan_parsers:
+        p.set_defaults(func=cmd_gan)
 
     pr = sub.add_parser("predict", help="predict on X-ray files, folders or a CSV (JPEG/PNG/DICOM)")
     pr.add_argument("inputs", nargs="+", help="files, folders (recursive) or a CSV with a 'path' column")
