@@ -171,3 +171,31 @@ def test_member_weights():
     np.testing.assert_allclose(member_weights([0.9, 0.7], "val_weighted"), [2 / 3, 1 / 3])
     np.testing.assert_allclose(member_weights([0.4, 0.45], "val_weighted"), [0.5, 0.5])  # none above chance
     np.testing.assert_allclose(member_weights([0.9, 0.7, 0.8], "mean"), [1 / 3] * 3)
+
+
+def test_ensemble_is_served_like_a_model(ensembles, smoke_run, second_run, data_root, pick):
+    from fastapi.testclient import TestClient
+
+    from pneumoscope.serve.app import create_app
+
+    f = Path(_images(data_root, pick)[-1])
+    files = [("files", (f.name, f.read_bytes(), "image/jpeg"))]
+    with TestClient(create_app(ensembles[0])) as client:
+        r = client.post("/v1/predict", files=files)
+        e = client.post("/v1/explain", files=files)
+    assert r.status_code == 200 and e.status_code == 200, (r.text, e.text)
+    got = r.json()["predictions"][0]["probabilities"]["PNEUMONIA"]
+    members, _ = zip(*(predict_files(run, [str(f)], out=None, progress=False) for run in (smoke_run, second_run)))
+    assert got == pytest.approx(np.mean([t["prob_PNEUMONIA"].iloc[0] for t in members]), abs=1e-6)
+    assert r.json()["model_id"].startswith("ensemble(") and e.json()["predictions"][0]["cam_png_base64"]
+
+
+def test_ensemble_cli(smoke_run, second_run, tmp_path, capsys):
+    from pneumoscope.cli import main
+
+    assert main(["ensemble", str(smoke_run), str(second_run), "--out", str(tmp_path / "e"),
+                 "--cache-dir", str(smoke_run.parent / "cache")]) == 0
+    assert "ensemble val auroc" in capsys.readouterr().out
+    assert main(["ensemble", str(smoke_run), str(smoke_run), "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pneumoscope: error: ") and "listed twice" in err[0]

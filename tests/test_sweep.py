@@ -137,3 +137,15 @@ def test_shipped_roadmap_is_valid(tmp_path):
     assert len(full.points) == len(red.points) and full.ensemble
     assert {p.cfg.preprocess.size for p in red.points} == {red.points[0].cfg.preprocess.size}  # one input: ensemble-able
     assert all(p.cfg.data.limit_per_class for p in red.points)
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
+    from pneumoscope.cli import main
+
+    sweep_file = _tiny(tmp_path)
+    assert main(["-q", "sweep", str(sweep_file), "--dry-run", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "3 points in 2 experiments" in out and out.count("| new ") == 3
+    assert "lr=0.003" in out and "estimated training time" in out
+    assert "ensemble (mean) of the best 2" in out
+    assert not (tmp_path / "o").exists()
