@@ -163,3 +163,62 @@ def test_evaluate_uses_the_good_files_and_lists_the_bad_ones(corpus: Corpus, tin
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert len(saved["unreadable"]) == len(corpus.bad)
     _assert_no_traceback(logged)
+
+
+# ------------------------------------------------------------------------------ dataset shapes
+def _one_line(capsys: pytest.CaptureFixture) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pneumoscope: error: "), lines
+    return lines[0]
+
+
+def test_one_class_dataset_scans_but_training_refuses_in_one_line(tmp_path: Path, data_root: Path, monkeypatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "only_normal" / "NORMAL"
+    root.mkdir(parents=True)
+    for src in sorted((data_root / "train" / "NORMAL").glob("*.jpeg"))[:6]:
+        (root / src.name).symlink_to(src)
+    assert main(["data", "check", str(root.parent), "--out", str(tmp_path / "check")]) in (0, 1)
+    manifest = pd.read_parquet(tmp_path / "check" / "manifest.parquet")
+    assert len(manifest) == 6 and (manifest["status"] == "ok").all()
+    capsys.readouterr()
+    monkeypatch.setenv("PNEUMOSCOPE_CACHE", str(tmp_path / "cache"))
+    rc = main(["train", "--config", "smoke", "--data", str(root.parent), "--out", str(tmp_path / "run"),
+               "--no-progress"])
+    line = _one_line(capsys)
+    assert rc == 2 and str(root.parent) in line and "PNEUMONIA" in line, line
+
+
+def test_csv_with_missing_columns_is_one_line_naming_file_and_column(tmp_path: Path, corpus: Corpus, tiny_model: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    csv = tmp_path / "list.csv"
+    csv.write_text("file,diagnosis\n" + "".join(f"{p},NORMAL\n" for p in corpus.good[:3]))
+    assert main(["data", "check", str(csv), "--out", str(tmp_path / "check")]) == 2
+    line = _one_line(capsys)
+    assert str(csv) in line and "path" in line and "label" in line, line
+    assert main(["predict", str(csv), "--model", str(tiny_model), "--out", str(tmp_path / "pred")]) == 2
+    line = _one_line(capsys)
+    assert str(csv) in line and "'path'" in line, line
+    assert not (tmp_path / "pred").exists()
+
+
+def test_csv_paths_outside_its_folder_are_refused_rows_and_the_rest_is_scanned(tmp_path: Path, corpus: Corpus,
+                                                                               data_root: Path) -> None:
+    from pneumoscope.data.scan import OUTSIDE_ROOT
+
+    folder = tmp_path / "csvset"
+    (folder / "img").mkdir(parents=True)
+    inside = []
+    for i, src in enumerate(corpus.good[:4]):
+        dst = folder / "img" / f"{i}{src.suffix}"
+        dst.write_bytes(src.read_bytes())
+        inside.append(dst)
+    outside = [str(data_root / "train" / "NORMAL" / "IM-0115-0001.jpeg"), "../../etc/passwd", "/etc/shadow"]
+    lines = ["path,label"] + [f"img/{p.name},{'NORMAL' if i % 2 else 'PNEUMONIA'}" for i, p in enumerate(inside)]
+    lines += [f"{p},NORMAL" for p in outside]
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n")
+    assert main(["data", "check", str(folder / "labels.csv"), "--out", str(tmp_path / "check")]) == 1
+    m = pd.read_parquet(tmp_path / "check" / "manifest.parquet")
+    assert (m[m["path"].str.contains("/img/")]["status"] == "ok").sum() == 4
+    refused = m[m["error"] == OUTSIDE_ROOT]
+    assert len(refused) == 3 and (refused["content_hash"] == "").all()  # never even opened

@@ -114,8 +114,14 @@ def _choose_val_groups(
         )
         n_splits = len(unique_groups)
     y = _strata(pool, stratify_on)
+    biggest = int(np.unique(np.asarray(y), return_counts=True)[1].max())
+    if n_splits > biggest:  # scikit-learn refuses more folds than the largest class has members
+        n_splits = max(2, biggest)
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    _, val_idx = next(splitter.split(np.zeros(len(pool)), y, groups))
+    try:
+        _, val_idx = next(splitter.split(np.zeros(len(pool)), y, groups))
+    except ValueError as err:  # a pool too small to split (a handful of images)
+        raise DatasetError(f"cannot cut a validation set from {len(pool)} images: {err}") from None
     return set(groups[val_idx])
 
 
