@@ -56,7 +56,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pneumoscope.config import RunConfig, _deep_merge, _read_yaml, config_to_dict, validate_config
+from pneumoscope.config import RunConfig, _read_yaml, config_to_dict, validate_config
 from pneumoscope.errors import ConfigError, PneumoscopeError
 from pneumoscope.utils.io import atomic_path, atomic_write_json, atomic_write_text
 
