@@ -17,8 +17,10 @@ request body over ``max_upload_bytes`` is refused (413) before it is read; image
 gets a 4xx ``{"error": ..., "file": ...}``, never a stack trace (unexpected failures are logged
 and answered ``500 {"error": "internal error"}``); client file names are only echoed, never used
 as paths; uploads are spooled by Starlette to the system temp dir and nothing else is written.
-All model use goes through one lock in a thread pool (PyTorch Grad-CAM hooks and the TTA seed are
-process-global state), bounded by ``timeout_s`` (504) and a queue limit (503).
+Uploads are decoded in their own small thread pool (at most ``MAX_DECODING`` at once), so under
+load a bad file is still answered 422 rather than shed; all model use then goes through one lock
+in a thread pool (PyTorch Grad-CAM hooks and the TTA seed are process-global state), bounded by
+``timeout_s`` (504) and a queue limit (503: back-pressure, retry shortly).
 
 Research and education only - not a diagnostic device.
 """
@@ -52,9 +54,12 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD = 20_000_000
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_TIMEOUT_S = 60.0
-#: Most files in one request, and most requests waiting for the model at once.
+#: Most files in one request, most requests waiting for the model at once, and most requests
+#: being decoded at once (decoding is its own stage so that, under load, a bad upload is still
+#: answered 422 instead of being shed with the good ones as 503).
 MAX_FILES = 16
 MAX_PENDING = 8
+MAX_DECODING = 32
 _NO_WEIGHTS = ("this model was exported to ONNX without its PyTorch weights (model.safetensors), which Grad-CAM "
                "needs; serve the checkpoint directory or re-export with weights")
 NOTICE = "Research and education only \u2014 not a diagnostic device."
@@ -233,7 +238,9 @@ class ModelService:
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pneumoscope-infer")
+        self._decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pneumoscope-decode")
         self._pending = 0
+        self._decoding = 0
 
     def explain_available(self) -> bool:
         if self.backend == "pytorch":
@@ -242,20 +249,44 @@ class ModelService:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._decoder.shutdown(wait=False, cancel_futures=True)
 
     async def run(self, uploads: list[tuple[str, bytes]], explain: bool) -> list[dict]:
-        """Decode, predict (and explain) in the thread pool, within ``timeout_s``."""
+        """Decode (own pool, own limit), then predict (and explain) under the model lock, each
+        within ``timeout_s``. The counters are only touched on the event loop thread."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        if self._decoding >= MAX_DECODING:
+            raise ApiError(503, "server busy: too many uploads being read; try again shortly")
+        self._decoding += 1
+        try:
+            prepared = await asyncio.wait_for(loop.run_in_executor(self._decoder, self._decode, uploads),
+                                              self.timeout_s)
+        except TimeoutError:
+            raise ApiError(504, f"inference did not finish within {self.timeout_s:g} s") from None
+        finally:
+            self._decoding -= 1
         if self._pending >= MAX_PENDING:
             raise ApiError(503, "server busy: too many requests waiting; try again shortly")
-        self._pending += 1  # only touched on the event loop thread
+        self._pending += 1
         try:
-            loop = asyncio.get_running_loop()
-            fut = loop.run_in_executor(self._executor, self._work, uploads, explain)
-            return await asyncio.wait_for(fut, self.timeout_s)
+            left = max(1e-6, self.timeout_s - (loop.time() - started))
+            fut = loop.run_in_executor(self._executor, self._work, uploads, explain, prepared)
+            return await asyncio.wait_for(fut, left)
         except TimeoutError:
             raise ApiError(504, f"inference did not finish within {self.timeout_s:g} s") from None
         finally:
             self._pending -= 1
+
+    def _decode(self, uploads: list[tuple[str, bytes]]) -> tuple[list, Any]:
+        """Decoded images and the model input; a bad upload is a 422 naming it."""
+        images = []
+        for name, data in uploads:
+            try:
+                images.append(decode_image(data, name=name, max_pixels=self.max_pixels))
+            except ImageDecodeError as err:
+                raise ApiError(422, err.reason, name) from None
+        return images, self.predictor.prepare(images)
 
     def _cam_predictor(self) -> Predictor:
         try:
@@ -271,17 +302,12 @@ class ModelService:
             raise ApiError(501, "Grad-CAM is not available in this installation") from None
         return cam_predictor
 
-    def _work(self, uploads: list[tuple[str, bytes]], explain: bool) -> list[dict]:
+    def _work(self, uploads: list[tuple[str, bytes]], explain: bool, prepared: tuple[list, Any] | None = None
+              ) -> list[dict]:
         from pneumoscope.predict import cam_overlays, png_bytes, predict_prepared
 
-        images = []
-        for name, data in uploads:
-            try:
-                images.append(decode_image(data, name=name, max_pixels=self.max_pixels))
-            except ImageDecodeError as err:
-                raise ApiError(422, err.reason, name) from None
+        images, u8 = prepared if prepared is not None else self._decode(uploads)
         p = self.predictor
-        u8 = p.prepare(images)
         if not self._lock.acquire(timeout=self.timeout_s):
             raise ApiError(503, "server busy: the model is in use; try again shortly")
         try:
