@@ -76,7 +76,7 @@ class ImageCache:
         try:  # repair a killed build's leftovers now, unless a builder is at work right now
             with RunLock(self.dir):
                 self._load_index(repair=True)
-        except RunLockedError:
+        except (RunLockedError, OSError):  # a builder holds the lock, or the cache is read-only
             self._load_index()
 
     # ------------------------------------------------------------------ index
