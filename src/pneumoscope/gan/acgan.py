@@ -67,11 +67,19 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """``image -> (real/fake logit (N,), class logits (N, n_classes))``, spectral-normalised."""
+    """``image -> (real/fake logit (N,), class logits (N, n_classes))``, spectral-normalised.
 
-    def __init__(self, size: int = 64, n_classes: int = 3, width: int = 32) -> None:
+    ``minibatch_std`` (ProGAN, Karras et al. 2018) gives the real/fake head one extra input: the
+    mean over features of the standard deviation over the batch. A collapsed generator (every
+    sample of a class alike) then looks fake at once, which is what stops the intra-class mode
+    collapse that plain ACGAN is known for (Shu 2017). Only the real/fake head reads it: the class
+    head sees each image alone, so the discriminator used as a classifier does not depend on the
+    batch an image arrives in.
+    """
+
+    def __init__(self, size: int = 64, n_classes: int = 3, width: int = 32, minibatch_std: bool = True) -> None:
         super().__init__()
-        self.size, self.n_classes = size, n_classes
+        self.size, self.n_classes, self.minibatch_std = size, n_classes, minibatch_std
         chans = list(reversed(_widths(size, width)))  # size/2 ... 4x4
         layers: list[nn.Module] = []
         c_in = 1
@@ -80,7 +88,7 @@ class Discriminator(nn.Module):
             c_in = c_out
         self.body = nn.Sequential(*layers)
         self.num_features = c_in * 16
-        self.adv = spectral_norm(nn.Linear(self.num_features, 1))
+        self.adv = spectral_norm(nn.Linear(self.num_features + int(minibatch_std), 1))
         self.cls = spectral_norm(nn.Linear(self.num_features, n_classes))
         self.apply(_dcgan_init)
 
@@ -90,7 +98,12 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.features(x)
-        return self.adv(f)[:, 0], self.cls(f)
+        if self.minibatch_std:
+            s = f.std(0, unbiased=False).mean() if f.shape[0] > 1 else f.new_zeros(())
+            adv = self.adv(torch.cat([f, s.expand(f.shape[0], 1)], 1))
+        else:
+            adv = self.adv(f)
+        return adv[:, 0], self.cls(f)
 
 
 def _dcgan_init(m: nn.Module) -> None:
@@ -110,14 +123,17 @@ def _dcgan_init(m: nn.Module) -> None:
 class ACGAN(nn.Module):
     """Generator + discriminator in one module, so one state dict (safetensors) holds both."""
 
-    def __init__(self, size: int = 64, n_classes: int = 3, z_dim: int = 100, width: int = 32) -> None:
+    def __init__(self, size: int = 64, n_classes: int = 3, z_dim: int = 100, width: int = 32,
+                 minibatch_std: bool = True) -> None:
         super().__init__()
         self.generator = Generator(size, n_classes, z_dim, width)
-        self.discriminator = Discriminator(size, n_classes, width)
+        self.discriminator = Discriminator(size, n_classes, width, minibatch_std)
         self.size, self.n_classes, self.z_dim, self.width = size, n_classes, z_dim, width
+        self.minibatch_std = minibatch_std
 
     def spec(self) -> dict:
-        return {"size": self.size, "n_classes": self.n_classes, "z_dim": self.z_dim, "width": self.width}
+        return {"size": self.size, "n_classes": self.n_classes, "z_dim": self.z_dim, "width": self.width,
+                "minibatch_std": self.minibatch_std}
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

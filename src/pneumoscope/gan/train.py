@@ -16,9 +16,11 @@ split is never read. Images come from the shared uint8 cache at ``size`` px (squ
 to [-1, 1]. No augmentation (flips would move the heart).
 
 Losses (standard ACGAN, Odena et al. 2017): the discriminator minimises
-``BCE(real→1) + BCE(fake→0) + CE(class | real) + d_fake_class_weight · CE(class | fake)``, the
-generator ``BCE(fake→1) + CE(class | fake)``; fake classes are drawn uniformly. Adam(2e-4, β=(0.5,
-0.999)) for both, as in DCGAN.
+``hinge(real, fake) + CE(class | real) + d_fake_class_weight · CE(class | fake)`` (``loss: bce`` gives
+the original ACGAN), the generator ``-D(G(z)) + CE(class | fake) + mode_seeking / ratio`` where ratio
+is MSGAN's |G(z1,y)-G(z2,y)| / |z1-z2| (Mao et al. 2019; without it the generator collapsed to one
+image per class, see docs/gan.md); fake classes are drawn uniformly. Adam with TTUR (D 4e-4,
+G 1e-4, β=(0, 0.9)).
 
 Determinism and resuming: weights are initialised from ``seed``; epoch ``e`` draws its data order
 and all of its noise and fake labels from generators seeded by ``(seed, e)``, so a run resumed
@@ -40,6 +42,8 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -65,11 +69,14 @@ class GanConfig(BaseModel):
     batch_size: int = Field(64, ge=2, le=4096)
     z_dim: int = Field(100, ge=1, le=1024)
     width: int = Field(32, ge=4, le=512, description="base channel width (ngf = ndf)")
-    lr_g: float = Field(2e-4, gt=0, le=1)
-    lr_d: float = Field(2e-4, gt=0, le=1)
-    beta1: float = Field(0.5, ge=0, lt=1)
-    beta2: float = Field(0.999, ge=0, lt=1)
+    lr_g: float = Field(1e-4, gt=0, le=1)
+    lr_d: float = Field(4e-4, gt=0, le=1)
+    beta1: float = Field(0.0, ge=0, lt=1)
+    beta2: float = Field(0.9, ge=0, lt=1)
     d_fake_class_weight: float = Field(1.0, ge=0, description="weight of the class loss on fakes in D's loss")
+    loss: Literal["bce", "hinge"] = Field("hinge", description="adversarial loss")
+    minibatch_std: bool = Field(True, description="minibatch-std input to the real/fake head (against mode collapse)")
+    mode_seeking: float = Field(1.0, ge=0, description="weight of the mode-seeking term (Mao et al. 2019)")
     seed: int = 0
     val_fraction: float = Field(0.15, gt=0, lt=0.9)
     limit_per_class: int | None = Field(None, ge=1, description="at most N train images per class (tests)")
@@ -246,6 +253,26 @@ def discriminator_logits(gan: ACGAN, images: np.ndarray, batch_size: int = 256) 
     return torch.cat(out).numpy() if out else np.zeros((0, gan.n_classes), np.float32)
 
 
+def _pixel_std(x: torch.Tensor) -> float:
+    return float(x.float().std(0).mean()) if len(x) > 1 else 0.0
+
+
+@torch.no_grad()
+def sample_diversity(gan: ACGAN, n_classes: int, seed: int, n: int = 64) -> float:
+    """Mean per-pixel standard deviation (in [-1, 1] units) across ``n`` fixed-noise samples of each class.
+
+    A cheap mode-collapse alarm logged every epoch beside the same number for real train images:
+    a generator that ignores its noise produces near-identical images per class and a value near 0.
+    """
+    g = torch.Generator().manual_seed(epoch_seed(seed, 0, 98))
+    z = torch.randn(n, gan.z_dim, generator=g)
+    was = gan.generator.training
+    gan.generator.eval()
+    out = float(np.mean([_pixel_std(gan.generator(z, torch.full((n,), k, dtype=torch.long))) for k in range(n_classes)]))
+    gan.generator.train(was)
+    return out
+
+
 def _class_summary(y: np.ndarray, logits: np.ndarray) -> dict:
     from pneumoscope.train.engine import classification_summary
 
@@ -311,7 +338,8 @@ def _train(data_root: Path | None, out: Path, config, resume: bool, cache_root: 
              np.bincount(y_val).tolist(), ", ".join(names))
 
     torch.manual_seed(cfg.seed)
-    gan = ACGAN(size=cfg.size, n_classes=len(names), z_dim=cfg.z_dim, width=cfg.width)
+    gan = ACGAN(size=cfg.size, n_classes=len(names), z_dim=cfg.z_dim, width=cfg.width,
+                minibatch_std=cfg.minibatch_std)
     opt_g = torch.optim.Adam(gan.generator.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(gan.discriminator.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
     start_epoch, history = 0, []
@@ -326,6 +354,8 @@ def _train(data_root: Path | None, out: Path, config, resume: bool, cache_root: 
     meta = {"format": GAN_FORMAT, "model": gan.spec(), "class_names": names, "task": TASK,
             "preprocess": {"size": cfg.size, "resize": "squash"}, "seed": cfg.seed, "config": cfg.model_dump()}
 
+    diversity_real = float(np.mean([_pixel_std(from_uint8(torch.from_numpy(train_u8[y_train == k][:64])))
+                                    for k in range(len(names))]))
     n = len(y_train)
     bs = min(cfg.batch_size, n)
     steps = n // bs  # drop_last: BatchNorm on a batch of one is undefined
@@ -335,11 +365,13 @@ def _train(data_root: Path | None, out: Path, config, resume: bool, cache_root: 
                            progress=progress)
         val = _class_summary(y_val, discriminator_logits(gan, val_u8))
         row.update({"epoch": epoch + 1, "val_class_accuracy": val["accuracy"], "val_class_macro_auroc": val["auroc"],
+                    "diversity_fake": sample_diversity(gan, len(names), cfg.seed), "diversity_real": diversity_real,
                     "elapsed_seconds": time.perf_counter() - t0})
         history.append(row)
         log.info("epoch %d/%d: loss D %.3f G %.3f | D(x) %.3f D(G(z)) %.3f | class acc train %.3f val %.3f "
-                 "(macro AUROC %.3f) | %.1f img/s", epoch + 1, cfg.epochs, row["loss_d"], row["loss_g"], row["d_real"],
-                 row["d_fake"], row["train_class_accuracy"], row["val_class_accuracy"], row["val_class_macro_auroc"],
+                 "(macro AUROC %.3f) | diversity fake %.3f real %.3f | %.1f img/s", epoch + 1, cfg.epochs,
+                 row["loss_d"], row["loss_g"], row["d_real"], row["d_fake"], row["train_class_accuracy"],
+                 row["val_class_accuracy"], row["val_class_macro_auroc"], row["diversity_fake"], row["diversity_real"],
                  row["images_per_s"])
         write_grid_png(sample_grid(gan, names, cfg.grid_per_class, cfg.seed), names,
                        out / "samples" / f"epoch_{epoch + 1:03d}.png", title=f"epoch {epoch + 1}")
@@ -370,19 +402,33 @@ def _train_epoch(gan: ACGAN, opt_g, opt_d, images: np.ndarray, labels: np.ndarra
         y_real = torch.from_numpy(labels[idx])
         z = torch.randn(bs, gan.z_dim, generator=noise)
         y_fake = torch.randint(0, k, (bs,), generator=noise)
+        if cfg.mode_seeking > 0:  # pairs (i, i + bs/2) share a class so their difference is the noise's doing
+            half = bs // 2
+            y_fake[half : 2 * half] = y_fake[:half]
         fake = G(z, y_fake)
 
         adv_r, cls_r = D(real)
         adv_f, cls_f = D(fake.detach())
-        loss_d = (F.binary_cross_entropy_with_logits(adv_r, torch.ones_like(adv_r))
-                  + F.binary_cross_entropy_with_logits(adv_f, torch.zeros_like(adv_f))
-                  + F.cross_entropy(cls_r, y_real) + cfg.d_fake_class_weight * F.cross_entropy(cls_f, y_fake))
+        if cfg.loss == "hinge":
+            adv_d = F.relu(1 - adv_r).mean() + F.relu(1 + adv_f).mean()
+        else:
+            adv_d = (F.binary_cross_entropy_with_logits(adv_r, torch.ones_like(adv_r))
+                     + F.binary_cross_entropy_with_logits(adv_f, torch.zeros_like(adv_f)))
+        loss_d = adv_d + F.cross_entropy(cls_r, y_real) + cfg.d_fake_class_weight * F.cross_entropy(cls_f, y_fake)
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
 
         adv_g, cls_g = D(fake)
-        loss_g = F.binary_cross_entropy_with_logits(adv_g, torch.ones_like(adv_g)) + F.cross_entropy(cls_g, y_fake)
+        adv_g_loss = (-adv_g.mean() if cfg.loss == "hinge"
+                      else F.binary_cross_entropy_with_logits(adv_g, torch.ones_like(adv_g)))
+        loss_g = adv_g_loss + F.cross_entropy(cls_g, y_fake)
+        if cfg.mode_seeking > 0:
+            # Mode seeking (MSGAN): maximise |G(z1,y) - G(z2,y)| / |z1 - z2|, i.e. minimise its inverse.
+            half = bs // 2
+            ratio = ((fake[:half] - fake[half : 2 * half]).abs().mean()
+                     / (z[:half] - z[half : 2 * half]).abs().mean())
+            loss_g = loss_g + cfg.mode_seeking / (ratio + 1e-5)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
