@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -140,8 +141,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, log_path: Path, *, startup_s: float = 180.0) -> tuple[subprocess.Popen, str]:
-    """``python -m pneumoscope.serve`` on 127.0.0.1:<free port>; returns once ``/health`` answers 200."""
+def start_server(model_dir: Path, log_path: Path, *, startup_s: float = 180.0,
+                 extra_args: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
+    """``python -m pneumoscope.serve [extra_args]`` on 127.0.0.1:<free port>; returns once ``/health`` answers 200."""
     import httpx
 
     port = free_port()
@@ -149,7 +151,8 @@ def start_server(model_dir: Path, log_path: Path, *, startup_s: float = 180.0) -
                                                        if p)}
     with open(log_path, "wb") as log_fh:
         proc = subprocess.Popen([sys.executable, "-m", "pneumoscope.serve", "--model", str(model_dir),
-                                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+                                 *extra_args],
                                 stdout=log_fh, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + startup_s

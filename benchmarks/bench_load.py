@@ -31,10 +31,7 @@ in MB/min over the load (and after its first 10 s, the warm-up allocations), the
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import logging
-import os
 import random
 import struct
 import sys
@@ -288,38 +285,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _start(model: Path, log_path: Path, max_upload: int):  # noqa: ANN202
-    """``python -m pneumoscope.serve`` with our upload limit on a free port (bench_inference's
-    ``start_server`` has no way to pass extra options)."""
-    import subprocess
+    """``python -m pneumoscope.serve`` with our upload limit on a free port."""
+    from bench_inference import start_server
 
-    import httpx
-    from bench_inference import free_port, stop_server
-    from common import REPO
-
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (str(REPO / "src"), os.environ.get("PYTHONPATH"))
-                                                       if x)}
-    with open(log_path, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "pneumoscope.serve", "--model", str(model), "--host",
-                                 "127.0.0.1", "--port", str(port), "--log-level", "warning", "--max-upload-bytes",
-                                 str(max_upload)], stdout=fh, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    return proc, base
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server not healthy after 300 s")
-            time.sleep(0.2)
-    except BaseException:
-        stop_server(proc)
-        raise
+    return start_server(model, log_path, startup_s=300.0, extra_args=("--max-upload-bytes", str(max_upload)))
 
 
 if __name__ == "__main__":
