@@ -22,3 +22,17 @@ def test_report_has_every_section_and_inlines_images(tmp_path, data_root, smoke_
     # the Grad-CAM attention table has numbers for all images (lung share, border share)
     assert re.search(r"<td>all</td><td>all</td><td>\d+</td><td>[01]\.\d{4}</td><td>[01]\.\d{4}</td>", html)
     assert "95 % CI" in html and "(" in html and "/624)" in html  # percentages come with counts
+
+
+def test_operating_point_says_threshold_for_binary_and_argmax_for_three_classes():
+    from pneumoscope.report.html import operating_point_html
+
+    binary = {"threshold": {"value": 0.61, "rule_description": "max Youden's J on validation",
+                            "achieved": {"sensitivity": 0.95, "specificity": 0.9}},
+              "split": "test", "temperature": 1.2, "class_names": ["NORMAL", "PNEUMONIA"]}
+    text = operating_point_html(binary)
+    assert "Decision threshold <b>0.6100</b>" in text and "sensitivity 0.950" in text
+    three = {**binary, "threshold": {"value": 0.5, "rule_description": "argmax"},
+             "class_names": ["normal", "bacterial", "viral"]}
+    text = operating_point_html(three)
+    assert "argmax" in text and "Decision threshold" not in text and "3 classes" in text

@@ -168,6 +168,10 @@ def operating_point_html(ev: dict) -> str:
     desc = t.get("rule_description") or t.get("rule")
     ach = t.get("achieved") or t.get("achieved_") or {}
     extra = f" On validation it gave sensitivity {ach.get('sensitivity'):.3f} and specificity {ach.get('specificity'):.3f}." if ach.get("sensitivity") is not None else ""
+    if len(ev.get("class_names") or []) > 2:  # no threshold: the most probable class wins
+        return (f"<p>Decision: the <b>argmax</b> of the calibrated softmax over {len(ev['class_names'])} classes, no "
+                f"threshold. Temperature T = {ev['temperature']:.3f} (fitted on the patient-grouped validation "
+                f"split at training time and applied unchanged to the {html.escape(ev['split'])} split).</p>")
     return (f"<p>Decision threshold <b>{t['value']:.4f}</b> on the calibrated P(positive), chosen by <b>{html.escape(str(desc))}</b> "
             f"on the patient-grouped validation split at training time and applied unchanged to the {html.escape(ev['split'])} split.{extra} "
             f"Temperature T = {ev['temperature']:.3f} (fitted on validation).</p>")
