@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -43,8 +44,9 @@ def render(docs: list[dict]) -> str:
         return _EMPTY
     parts = []
     for doc in docs:
+        table = re.sub(r"\]\(([^/():]+\.png)\)", r"](results/\1)", doc["table_md"].rstrip())  # figures beside the JSON
         parts.append(f"### {doc['name']}\n\n{doc.get('created_utc', '?')} · `{doc['command']}`\n\n"
-                     f"Machine: {machine_line(doc['machine'])}\n\n{doc['table_md'].rstrip()}")
+                     f"Machine: {machine_line(doc['machine'])}\n\n{table}")
     return "\n\n".join(parts)
 
 

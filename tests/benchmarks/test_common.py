@@ -124,3 +124,11 @@ def test_bench_loader_end_to_end(tmp_path: Path, data_root: Path) -> None:
     assert 0 < res["one_off"]["cache_build_added"] <= 64  # byte-identical files share a slot
     md = (results / "smoke.md").read_text()
     assert "Target: (b) ≥ 5× (a)" in md and "(c) efficientnet_lite0" in md
+
+
+def test_summarize_points_figure_links_into_results(tmp_path: Path, common) -> None:
+    summarize = _load("summarize")
+    common.write_results("fig", {"v": 1}, "![plot](fig.png)\n\n![abs](https://x/y.png)", COMMAND,
+                         results_dir=tmp_path / "results")
+    body = summarize.render(summarize.load_results(tmp_path / "results"))
+    assert "![plot](results/fig.png)" in body and "![abs](https://x/y.png)" in body

@@ -1,0 +1,152 @@
+"""Timed pieces of pneumoscope's training path, shared by ``bench_efficiency.py`` and ``bench_scaling.py``.
+
+Each piece runs the project's own code (``ImageCache.update``, ``extract_features``,
+``train_one_epoch``) on real train images, and :func:`compute_bound` runs the same network's
+forward + backward + optimiser step on one in-memory batch, with nothing else: the rate no input
+pipeline can beat.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pneumoscope.config import load_config
+from pneumoscope.data.cache import ImageCache
+from pneumoscope.data.presets import AugmentSpec, EvalPreset, TrainPreset
+from pneumoscope.data.scan import scan_dataset
+from pneumoscope.data.preprocess import PreprocessSpec
+from pneumoscope.models import create_model
+from pneumoscope.train.engine import FeatureSource, ImageSource, extract_features, train_one_epoch
+from pneumoscope.train.losses import build_loss, class_weights_from_counts
+from pneumoscope.train.schedules import build_optimizer, build_scheduler
+
+
+@dataclass
+class Pool:
+    """Train-folder images of the official split (paths, content hashes, labels), in a seeded order."""
+
+    paths: list[str]
+    hashes: list[str]
+    labels: np.ndarray
+
+    def head(self, n: int) -> "Pool":
+        return Pool(self.paths[:n], self.hashes[:n], self.labels[:n])
+
+
+def train_pool(data_root: str | Path, seed: int = 0) -> Pool:
+    """Every image of the official train folder, shuffled by ``seed`` (so any head is class-mixed)."""
+    df = scan_dataset(data_root, progress=False).df
+    df = df[(df["official_split"] != "test") & (df["status"] == "ok")]
+    order = np.random.default_rng(seed).permutation(len(df))
+    df = df.iloc[order]
+    return Pool(list(df["path"]), list(df["content_hash"]), (df["label"] == "PNEUMONIA").to_numpy(np.int64))
+
+
+def build_image_cache(pool: Pool, size: int, root: Path, workers: int = 2) -> tuple[np.ndarray, float]:
+    """Cold cache build from the JPEGs at ``size`` px (decode, grayscale, resize, uint8): (images, s)."""
+    spec = PreprocessSpec(size=size, resize="squash")
+    t0 = time.perf_counter()
+    cache = ImageCache(root, spec)
+    report = cache.update(pool.paths, pool.hashes, workers=workers, progress=False)
+    seconds = time.perf_counter() - t0
+    if report.failed:
+        raise RuntimeError(f"{len(report.failed)} images failed to cache: {next(iter(report.failed.items()))}")
+    return np.asarray(cache.get(pool.hashes)), seconds
+
+
+def default_parts(config: str = "default"):
+    """The ``default`` config's model (pretrained, frozen as in its phase), presets, loss and phase."""
+    cfg = load_config(config)
+    phase = cfg.train.phases[0]
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model.name, num_classes=2, pretrained=cfg.model.pretrained, in_chans=cfg.model.in_chans,
+                         head=cfg.model.head, dropout=cfg.model.dropout, **cfg.model.kwargs)
+    model.to(memory_format=torch.channels_last)
+    preset = EvalPreset.from_card(model.card, channels_last=True)
+    augment = TrainPreset(AugmentSpec(**cfg.augment.model_dump()))
+    return cfg, phase, model, preset, augment
+
+
+def _optim(cfg, model, lr: float, steps_per_epoch: int, epochs: int):
+    opt = build_optimizer(model.parameters(), cfg.train.optimizer, lr, cfg.train.weight_decay, cfg.train.momentum)
+    sc = cfg.train.schedule
+    sched = build_scheduler(opt, sc.name, lr=lr, steps_per_epoch=steps_per_epoch, epochs=epochs,
+                            warmup_epochs=sc.warmup_epochs, min_lr_ratio=sc.min_lr_ratio,
+                            plateau_factor=sc.plateau_factor, plateau_patience=sc.plateau_patience)
+    return opt, sched
+
+
+@dataclass
+class Measured:
+    images: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else math.nan
+
+
+def feature_pass(model, k: int, images: np.ndarray, preset: EvalPreset, augment: TrainPreset, views: int,
+                 seed: int = 0) -> tuple[torch.Tensor, Measured]:
+    """``extract_features`` exactly as ``fit`` calls it (``views`` views, view 0 clean), timed."""
+    t0 = time.perf_counter()
+    feats = extract_features(model, k, images, preset, augment=augment, views=views, seed=seed, size=None,
+                             progress=False)
+    return feats, Measured(len(images) * views, time.perf_counter() - t0)
+
+
+def pipeline_epochs(cfg, model, source, labels: np.ndarray, preset: EvalPreset, augment: TrainPreset | None,
+                    epochs: int, lr: float) -> list[Measured]:
+    """``train_one_epoch`` as ``fit`` runs it (same loss, optimiser, schedule, batch, view sampling)."""
+    bs = cfg.train.batch_size
+    crit = build_loss(cfg.train.loss.name, class_weights=class_weights_from_counts(np.bincount(labels, minlength=2)),
+                      label_smoothing=cfg.train.loss.label_smoothing)
+    opt, sched = _optim(cfg, model, lr, math.ceil(len(labels) / bs), epochs)
+    out = []
+    for e in range(epochs):
+        order = np.random.default_rng(e).permutation(len(labels))
+        r = train_one_epoch(model, source, order=order, criterion=crit, optimizer=opt, scheduler=sched, preset=preset,
+                            augment=augment, batch_size=bs, view_rng=np.random.default_rng(100 + e),
+                            channels_last=True, progress=False)
+        out.append(Measured(len(order), r["seconds"]))
+    return out
+
+
+def compute_bound(cfg, model, batch: torch.Tensor, labels: torch.Tensor, steps: int, lr: float,
+                  start_stage: int | None = None) -> Measured:
+    """Forward + backward + optimiser step on one in-memory batch, ``steps`` times (after 3 warm-up steps).
+
+    ``start_stage`` = k runs ``model.forward_from(k, batch)`` (the trainable tail on cached features).
+    """
+    crit = build_loss(cfg.train.loss.name, class_weights=class_weights_from_counts(np.bincount(labels.numpy(),
+                                                                                               minlength=2)))
+    opt, _ = _optim(cfg, model, lr, steps, 1)
+    model.train()
+
+    def step() -> None:
+        logits = model.forward_from(start_stage, batch) if start_stage else model(batch)
+        crit(logits.float(), labels).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return Measured(steps * len(labels), time.perf_counter() - t0)
+
+
+def temp_cache_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="pneumoscope-bench-cache-")
+
+
+__all__ = ["Pool", "train_pool", "build_image_cache", "default_parts", "feature_pass", "pipeline_epochs",
+           "compute_bound", "Measured", "temp_cache_dir", "FeatureSource", "ImageSource"]

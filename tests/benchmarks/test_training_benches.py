@@ -1,0 +1,65 @@
+"""The training benchmarks' own logic: slopes, the validation-chosen operating point, an end-to-end run.
+
+No timing is asserted (speed targets live in ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from test_common import BENCH, REPO, _load  # noqa: E402  (pytest puts this folder on sys.path)
+
+
+def test_scaling_slope_recovers_the_exponent() -> None:
+    scaling = _load("bench_scaling")
+    n = np.array([1000, 2500, 5216])
+    assert scaling.slope(n, 0.02 * n) == pytest.approx(1.0)
+    assert scaling.slope(n, 3e-6 * n**2) == pytest.approx(2.0)
+
+
+def _predictions(path: Path, y: np.ndarray, p: np.ndarray) -> None:
+    path.mkdir(parents=True)
+    pd.DataFrame({"label": np.where(y == 1, "PNEUMONIA", "NORMAL"), "prob_PNEUMONIA": p}).to_csv(
+        path / "predictions.csv", index=False)
+
+
+def test_sensitivity_point_is_chosen_on_validation_only(tmp_path: Path) -> None:
+    acc = _load("bench_accuracy")
+    rng = np.random.default_rng(0)
+    yv = np.r_[np.zeros(50, int), np.ones(100, int)]
+    pv = np.clip(yv * 0.5 + rng.uniform(0, 0.5, 150), 0, 1)
+    yt = np.r_[np.zeros(40, int), np.ones(60, int)]
+    _predictions(tmp_path / "a" / "eval" / "val", yv, pv)
+    _predictions(tmp_path / "a" / "eval" / "test", yt, rng.uniform(0, 1, 100))
+    _predictions(tmp_path / "b" / "eval" / "val", yv, pv)
+    _predictions(tmp_path / "b" / "eval" / "test", yt, yt.astype(float))  # a perfect test set
+    a, b = acc.sens_point(tmp_path / "a"), acc.sens_point(tmp_path / "b")
+    assert a["threshold"] == b["threshold"]  # the test predictions never move the threshold
+    assert a["val"]["sensitivity"] >= 0.98
+    assert b["test"]["sensitivity"] == 1.0 and b["test"]["specificity"] == 1.0
+    assert a["test"]["tp"] + a["test"]["fn"] == 60
+
+
+def test_bench_efficiency_end_to_end(tmp_path: Path, data_root: Path) -> None:
+    results = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+    argv = [str(BENCH / "bench_efficiency.py"), "--data", str(data_root), "--images", "64", "--full-images", "32",
+            "--epochs", "1", "--results-dir", str(results), "--out-name", "smoke"]
+    proc = subprocess.run([sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((results / "smoke.json").read_text())["results"]
+    assert res["tail"]["images"] == 64 and res["full"]["images"] == 32
+    for path in ("tail", "full"):
+        assert res[path]["pipeline_img_s"] > 0 and res[path]["bound_img_s"] > 0
+        assert res[path]["efficiency"] == pytest.approx(res[path]["pipeline_img_s"] / res[path]["bound_img_s"])
+    assert res["feature_views"] == 3
+    assert "compute-only bound" in (results / "smoke.md").read_text()
