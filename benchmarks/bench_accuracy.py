@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, machine_info, md_table, write_results  # noqa: E402
+from common import add_common_args, machine_info, md_table, publish  # noqa: E402
 
 REFERENCES = [  # name, protocol, accuracy, sensitivity, specificity, AUROC
     ("Kermany et al. 2018, Inception-V3", "selected on test", 0.928, 0.932, 0.901, 0.968),
@@ -102,14 +101,12 @@ def weights_of(model_dir: Path) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=os.environ.get("PNEUMOSCOPE_DATA", "../shared/data/chest_xray"))
+    add_common_args(ap, "accuracy")
     ap.add_argument("--default", required=True, help="LABEL=RUN of the `default` config's main-job run")
     ap.add_argument("--single", nargs="*", default=[], help="LABEL=RUN candidates for the best single model")
     ap.add_argument("--ensemble", nargs="*", default=[], help="LABEL=DIR ensembles (pneumoscope ensemble)")
     ap.add_argument("--seed-preset", nargs="*", default=[], help="LABEL=RUN of the seed presets")
     ap.add_argument("--note", action="append", default=[], help="extra line under the table")
-    ap.add_argument("--results-dir", default=None)
-    ap.add_argument("--out-name", default="accuracy")
     args = ap.parse_args()
 
     machine = machine_info()
@@ -178,10 +175,7 @@ def main() -> int:
         "test_metrics": v["test"]["metrics"], "test_ci": v["test"]["ci"], "confusion": v["test"]["confusion"]}
         for k, v in info.items()}, "best_single": best_single, "best_ensemble": best_ens, "targets": TARGETS,
         "verdicts": verdicts}
-    j, md = write_results(args.out_name, payload, table_md, command_line(), results_dir=args.results_dir,
-                          machine=machine)
-    print(table_md)
-    print(f"wrote {j} and {md}")
+    publish(args, payload, table_md, machine)
     return 0
 
 

@@ -20,27 +20,23 @@ Run it on a quiet machine (rates).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, fmt, machine_info, md_table, write_results  # noqa: E402
+from common import add_common_args, fmt, machine_info, md_table, publish  # noqa: E402
 from training_parts import (FeatureSource, ImageSource, build_image_cache, compute_bound, default_parts,  # noqa: E402
                             feature_pass, pipeline_epochs, temp_cache_dir, train_pool)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=os.environ.get("PNEUMOSCOPE_DATA", "../shared/data/chest_xray"))
+    add_common_args(ap, "efficiency")
     ap.add_argument("--images", type=int, default=2048, help="train images for the feature-cache path")
     ap.add_argument("--full-images", type=int, default=384, help="train images for the full fine-tune path")
     ap.add_argument("--epochs", type=int, default=2, help="pipeline epochs (the last one is reported)")
-    ap.add_argument("--results-dir", default=None)
-    ap.add_argument("--out-name", default="efficiency")
     args = ap.parse_args()
 
     machine = machine_info()
@@ -106,10 +102,7 @@ def main() -> int:
         "default_seconds_per_image_10ep": per_img_default, "full_bound_seconds_per_image_10ep": per_img_full_bound,
         "verdict": verdict,
     }
-    j, md = write_results(args.out_name, payload, table_md, command_line(), results_dir=args.results_dir,
-                          machine=machine)
-    print(table_md)
-    print(f"wrote {j} and {md}")
+    publish(args, payload, table_md, machine)
     return 0
 
 

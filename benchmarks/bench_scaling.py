@@ -21,14 +21,13 @@ Run it on a quiet machine (wall times).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_RESULTS_DIR, command_line, fmt, machine_info, md_table, write_results  # noqa: E402
+from common import DEFAULT_RESULTS_DIR, add_common_args, fmt, machine_info, md_table, publish, save_figure  # noqa: E402
 from training_parts import (FeatureSource, build_image_cache, default_parts, feature_pass, pipeline_epochs,  # noqa: E402
                             temp_cache_dir, train_pool)
 
@@ -60,7 +59,6 @@ def plot(by_n: list[dict], by_size: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pneumoscope.utils.io import atomic_path
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, pts, key, label in ((axes[0], by_n, "images", "train images"), (axes[1], by_size, "size", "side (px)")):
@@ -77,20 +75,15 @@ def plot(by_n: list[dict], by_size: list[dict], path: Path) -> None:
         ax.legend(fontsize=8)
     axes[0].set_title("cost vs images (224 px)")
     axes[1].set_title(f"cost vs resolution ({by_size[0]['images']} images)")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=os.environ.get("PNEUMOSCOPE_DATA", "../shared/data/chest_xray"))
+    add_common_args(ap, "scaling")
     ap.add_argument("--images", type=int, nargs="+", default=[1000, 2500, 5216])
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 224, 320])
     ap.add_argument("--size-images", type=int, default=2500, help="images for the resolution series")
-    ap.add_argument("--results-dir", default=None)
-    ap.add_argument("--out-name", default="scaling")
     args = ap.parse_args()
 
     machine = machine_info()
@@ -130,10 +123,7 @@ def main() -> int:
                 f"(the `default` schedule). The image cache is built once per dataset and size and reused by "
                 f"every later run. 320 px is upsampled from the shared 224-px copy.\n")
     payload = {"points": list(done.values()), "slopes": slopes, "epochs": EPOCHS, "plot": png.name}
-    j, md = write_results(args.out_name, payload, table_md, command_line(), results_dir=args.results_dir,
-                          machine=machine)
-    print(table_md)
-    print(f"wrote {j}, {md} and {png}")
+    publish(args, payload, table_md, machine)
     return 0
 
 

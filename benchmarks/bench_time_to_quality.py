@@ -43,7 +43,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_RESULTS_DIR, command_line, fmt, machine_info, md_table, write_results  # noqa: E402
+from common import DEFAULT_RESULTS_DIR, add_common_args, fmt, machine_info, md_table, publish, save_figure  # noqa: E402
 
 TARGET = 0.96
 EPOCH_LINE = re.compile(r"epoch (\d+) \(")
@@ -178,7 +178,6 @@ def plot(ours: list[dict], ref: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pneumoscope.utils.io import atomic_path
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for rows, label, style in ((ours, "pneumoscope `default`", "o-"), (ref, "notebook-style reference", "s--")):
@@ -189,15 +188,12 @@ def plot(ours: list[dict], ref: list[dict], path: Path) -> None:
     ax.set_title("time to quality (2-core CPU)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=os.environ.get("PNEUMOSCOPE_DATA", "../shared/data/chest_xray"))
+    add_common_args(ap, "time_to_quality")
     ap.add_argument("--run-dir", default="out/ttq/default")
     ap.add_argument("--ref-epochs", type=int, default=4)
     ap.add_argument("--ref-lr", type=float, default=1e-4)
@@ -205,8 +201,6 @@ def main() -> int:
                     help="DataLoader workers of the reference (0: loading in the training process, as fit does)")
     ap.add_argument("--ref-full", action="store_true", help="run every reference epoch, not only until the target")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="override for pneumoscope's run")
-    ap.add_argument("--results-dir", default=None)
-    ap.add_argument("--out-name", default="time_to_quality")
     args = ap.parse_args()
 
     from pneumoscope.data.scan import scan_dataset
@@ -266,10 +260,7 @@ def main() -> int:
     payload = {"target_auroc": TARGET, "pneumoscope": ours, "reference": ref, "pneumoscope_s": t_ours,
                "reference_s": t_ref, "ratio": ratio, "verdict": verdict, "run_dir": str(run_dir),
                "reference_settings": {"lr": args.ref_lr, "workers": args.ref_workers, "epochs": args.ref_epochs}}
-    j, md = write_results(args.out_name, payload, table_md, command_line(), results_dir=args.results_dir,
-                          machine=machine)
-    print(table_md)
-    print(f"wrote {j} and {md}")
+    publish(args, payload, table_md, machine)
     return 0
 
 

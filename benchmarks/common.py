@@ -213,3 +213,31 @@ def write_results(name: str, payload: dict, table_md: str, command: str, *,
     json_path = atomic_write_json(out / f"{name}.json", doc)
     md_path = atomic_write_text(out / f"{name}.md", md)
     return json_path, md_path
+
+
+def add_common_args(ap: Any, out_name: str) -> None:
+    """``--data`` (default ``$PNEUMOSCOPE_DATA``), ``--results-dir`` and ``--out-name``."""
+    ap.add_argument("--data", default=os.environ.get("PNEUMOSCOPE_DATA", "../shared/data/chest_xray"))
+    ap.add_argument("--results-dir", default=None)
+    ap.add_argument("--out-name", default=out_name)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """A matplotlib figure as PNG, atomically, then closed."""
+    import matplotlib.pyplot as plt
+
+    from pneumoscope.utils.io import atomic_path
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def publish(args: Any, payload: dict, table_md: str, machine: dict[str, Any]) -> None:
+    """``write_results`` under ``args.out_name`` / ``args.results_dir``, then print the table and the paths."""
+    j, md = write_results(args.out_name, payload, table_md, command_line(), results_dir=args.results_dir,
+                          machine=machine)
+    print(table_md)
+    print(f"wrote {j} and {md}")
