@@ -21,7 +21,7 @@ selected on it.
 
     PYTHONPATH=src python benchmarks/bench_time_to_quality.py --data ../shared/data/chest_xray
 
-Takes about 40 min on the 2-core machine; run it on a quiet machine (wall times).
+Takes about 20 min on the 2-core machine (12 min pneumoscope, 6 min reference, probes); run it on a quiet machine (wall times).
 """
 
 from __future__ import annotations
