@@ -52,6 +52,8 @@ class AugmentConfig(_Strict):
     scale_max: float = Field(1.1, ge=1.0, le=3.0)
     brightness: float = Field(0.2, ge=0.0, le=1.0)
     contrast: float = Field(0.2, ge=0.0, le=1.0)
+    sharpness: float = Field(0.0, ge=0.0, le=1.0, description="per-image sharpness factor in [1-s, 1+s] "
+                                                              "(torchvision adjust_sharpness semantics)")
 
 
 class ModelConfig(_Strict):

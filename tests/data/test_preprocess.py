@@ -79,3 +79,42 @@ def test_contrast_is_taken_around_the_brightened_mean():
     torch.manual_seed(1)
     out = only_contrast(ramp).float()
     assert abs(out.mean().item() - ramp.float().mean().item()) < 1.0 and out.std() != ramp.float().std()
+
+
+def test_adjust_sharpness_matches_torchvision_inside_the_border(pick, data_root):
+    """Same blend as torchvision's ``adjust_sharpness`` (±1 grey level of rounding) away from the edge."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from pneumoscope.data.presets import adjust_sharpness
+
+    img = preprocess(decode_image(pick(data_root, "train", "NORMAL", 1)[0]), PreprocessSpec(size=128))
+    assert adjust_sharpness(img, 1.0) is img
+    for factor in (0.0, 0.3, 1.7, 2.0):
+        ours = adjust_sharpness(img, factor).astype(int)
+        ref = TF.adjust_sharpness(torch.from_numpy(img)[None], factor)[0].numpy().astype(int)
+        assert np.abs(ours[1:-1, 1:-1] - ref[1:-1, 1:-1]).max() <= 1, factor
+        assert not np.array_equal(ours, img)
+
+
+def test_sharpness_augmentation_spans_the_class_gap_in_high_frequency_energy(pick, data_root):
+    """The documented reason for ``sharpness: 1``: factors 0..2 move a real film's high-frequency
+    energy further than the ~x0.75 gap between the train split's pneumonia and normal films."""
+    import cv2
+
+    from pneumoscope.data.presets import adjust_sharpness
+
+    def hf(x):
+        x = x.astype(np.float32)
+        return np.abs(x - cv2.GaussianBlur(x, (0, 0), 0.7)).mean()
+
+    imgs = [preprocess(decode_image(p), PreprocessSpec(size=224)) for p in pick(data_root, "train", "NORMAL", 8)]
+    base = np.mean([hf(im) for im in imgs])
+    assert np.mean([hf(adjust_sharpness(im, 0.0)) for im in imgs]) / base < 0.75
+    assert np.mean([hf(adjust_sharpness(im, 2.0)) for im in imgs]) / base > 1 / 0.75
+    aug = TrainPreset(AugmentSpec(rotate=0, translate=0, scale_min=1, scale_max=1, brightness=0, contrast=0,
+                                  sharpness=1.0))
+    assert aug.spec.enabled
+    torch.manual_seed(0)
+    out = aug.batch(torch.from_numpy(np.stack(imgs)))
+    ratios = [hf(o.numpy()) / hf(i) for o, i in zip(out, imgs)]
+    assert min(ratios) < 0.95 and max(ratios) > 1.05  # each image draws its own factor, both ways
