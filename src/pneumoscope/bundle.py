@@ -65,9 +65,16 @@ def package_model(run: str | Path, out: str | Path | None = None, *, split: str 
                             "threshold": ev["threshold"], **{k: ev["metrics"][k] for k in keep if k in ev["metrics"]},
                             "ci": {k: v for k, v in (ev.get("ci") or {}).items() if not k.startswith("per_class")}}
     ref = ev.get("referral") or {}
-    if ref.get("uncertainty_threshold") is not None:
-        meta["refer_threshold"] = ref["uncertainty_threshold"]
+    if ref.get("single_pass_threshold") is not None:  # the uncertainty predict and serve compute
+        meta["refer_threshold"] = ref["single_pass_threshold"]
+        meta["refer_rule"] = (f"single-pass predictive entropy > {ref['single_pass_threshold']:.4g}, fitted to refer "
+                              f"the same share of the validation split as: {ref.get('rule')}")
+    elif ref.get("uncertainty_threshold") is not None and ref.get("uncertainty") == "entropy of the prediction":
+        meta["refer_threshold"] = ref["uncertainty_threshold"]  # an older evaluation without TTA
         meta["refer_rule"] = f"{ref.get('rule')}; uncertainty = {ref.get('uncertainty')}"
+    elif ref.get("uncertainty_threshold") is not None:
+        raise ModelError(f"{run}: its evaluation predates single-pass referral cut-offs; run "
+                         f"`pneumoscope evaluate {run} --split {split}` again before bundling")
     meta["intended_use"] = "research and education only; not a medical device, not for clinical diagnosis"
     meta["training_data"] = "Kermany et al., Cell 2018 (Mendeley doi:10.17632/rscbjbr9sj.2, CC BY 4.0), official train split"
     meta["source_run"] = {"config": meta.get("run_name"), "produced_by": f"pneumoscope bundle {run}"}

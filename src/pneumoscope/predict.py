@@ -150,17 +150,32 @@ class BatchResult:
     refer: np.ndarray
 
 
+def tta_mean_probs(predictor: Predictor, u8: torch.Tensor, n: int, *, plain: np.ndarray | None = None,
+                   seed: int = 0) -> np.ndarray:
+    """The mean of the plain pass and ``n`` mildly augmented passes (:meth:`Predictor.tta_probs`).
+
+    The one definition of a TTA mean, shared by ``predict --tta`` and ``evaluate --tta``.
+    """
+    if plain is None:
+        plain = predictor.predict_u8(u8, batch_size=max(1, len(u8))).probs
+    return np.concatenate([plain[None], predictor.tta_probs(u8, n, seed=seed, batch_size=max(1, len(u8)))]).mean(0)
+
+
 def predict_prepared(predictor: Predictor, u8: torch.Tensor, *, tta: int = 0) -> BatchResult:
     """Predict preprocessed uint8 images (N, S, S). With ``tta > 0`` the probabilities are the mean
-    of the plain pass and ``tta`` mildly augmented passes (:meth:`Predictor.tta_probs`)."""
+    of the plain pass and ``tta`` mildly augmented passes (:func:`tta_mean_probs`).
+
+    ``refer`` compares the single-pass entropy with the model's cut-off, which ``evaluate`` fits on
+    that same single-pass entropy of the validation split, whatever ``tta`` is.
+    """
     from pneumoscope.evaluate.uncertainty import predictive_entropy
 
-    probs = predictor.predict_u8(u8, batch_size=max(1, len(u8))).probs
-    if tta > 0:
-        probs = np.concatenate([probs[None], predictor.tta_probs(u8, tta, batch_size=max(1, len(u8)))]).mean(0)
+    plain = predictor.predict_u8(u8, batch_size=max(1, len(u8))).probs
+    probs = tta_mean_probs(predictor, u8, tta, plain=plain) if tta > 0 else plain
     uncertainty = predictive_entropy(np.clip(probs, 0.0, 1.0))
     cut = refer_threshold(predictor.meta)
-    refer = uncertainty > cut if cut is not None else np.zeros(len(probs), bool)
+    single = uncertainty if tta == 0 else predictive_entropy(np.clip(plain, 0.0, 1.0))
+    refer = single > cut if cut is not None else np.zeros(len(probs), bool)
     return BatchResult(probs=probs, decision=predictor.decide(probs), uncertainty=uncertainty, refer=refer)
 
 

@@ -61,3 +61,43 @@ def test_class_set_mismatch_is_a_clear_error(tmp_path, data_root, pick, smoke_ru
     with pytest.raises(DatasetError, match="do not match the model's classes"):
         evaluate_model(smoke_run, root, split="all", out=tmp_path / "e", bootstrap=0, tta=0,
                        cache_root=tmp_path / "cache", progress=False)
+
+
+def test_metrics_are_the_single_pass_predictors_whatever_the_tta(tmp_path, data_root, pick, smoke_run):
+    """What evaluate reports is what predict/serve answer: TTA changes the uncertainty, never the
+    probabilities or the metrics; and the referral record carries the single-pass cut-off that a
+    bundle stores, fitted on the single-pass entropy of validation."""
+    from pneumoscope.evaluate.uncertainty import predictive_entropy
+    from pneumoscope.inference import Predictor
+    from pneumoscope.predict import predict_files
+
+    tree = _small_test_tree(tmp_path / "t", data_root, pick, swap=False)
+    cache = tmp_path / "cache"
+    plain = evaluate_model(smoke_run, tree, out=tmp_path / "e0", bootstrap=0, tta=0, cache_root=cache, progress=False)
+    tta = evaluate_model(smoke_run, tree, out=tmp_path / "e3", bootstrap=0, tta=3, cache_root=cache, progress=False)
+    assert plain["metrics"] == tta["metrics"]
+    p0, p3 = (pd.read_csv(tmp_path / d / "predictions.csv") for d in ("e0", "e3"))
+    pd.testing.assert_series_equal(p0["prob_PNEUMONIA"], p3["prob_PNEUMONIA"])
+    assert not p0["uncertainty"].equals(p3["uncertainty"])
+    assert plain["referral"]["single_pass_threshold"] == plain["referral"]["uncertainty_threshold"]
+    assert tta["referral"]["single_pass_threshold"] == plain["referral"]["single_pass_threshold"]
+    # the served predictor gives the same probabilities and single-pass uncertainty
+    served, _ = predict_files(Predictor.load(smoke_run), list(p0["path"]), out=None, progress=False)
+    assert served["prob_PNEUMONIA"].to_numpy() == pytest.approx(p0["prob_PNEUMONIA"].to_numpy(), abs=1e-6)
+    assert served["uncertainty"].to_numpy() == pytest.approx(
+        predictive_entropy(p0[["prob_NORMAL", "prob_PNEUMONIA"]].to_numpy()), abs=1e-5)
+
+
+def test_bundle_stores_the_single_pass_referral_cut_off(tmp_path, data_root, pick, smoke_run):
+    """A TTA evaluation fits its own cut-off on TTA entropy; the bundle keeps the single-pass one,
+    the uncertainty that predict and serve compute."""
+    from pneumoscope.bundle import package_model
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    tree = _small_test_tree(tmp_path / "t", data_root, pick, swap=False)
+    ev = evaluate_model(run, tree, split="test", bootstrap=0, tta=3, cache_root=tmp_path / "cache", progress=False)
+    assert ev["referral"]["single_pass_threshold"] != ev["referral"]["uncertainty_threshold"]
+    meta = json.loads((package_model(run, tmp_path / "bundle") / "model.json").read_text())
+    assert meta["refer_threshold"] == ev["referral"]["single_pass_threshold"]
+    assert "single-pass" in meta["refer_rule"]

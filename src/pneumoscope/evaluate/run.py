@@ -47,9 +47,10 @@ HEADLINE_MULTI = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "ma
 class SplitPredictions:
     rows: pd.DataFrame
     y: np.ndarray
-    probs: np.ndarray  # (N, C) calibrated, mean over TTA samples when tta > 0
+    probs: np.ndarray  # (N, C) calibrated, single pass: what predict and serve return, so the metrics are theirs
     probs_raw: np.ndarray  # (N, C) at temperature 1, no TTA
-    uncertainty: np.ndarray  # (N,)
+    uncertainty: np.ndarray  # (N,) entropy of the TTA mean when tta > 0, else of ``probs``
+    uncertainty_single: np.ndarray  # (N,) entropy of ``probs`` (the uncertainty predict and serve report)
 
 
 def _cache_images(predictor: Predictor, rows: pd.DataFrame, cache_root: Path, progress: bool) -> np.ndarray:
@@ -62,19 +63,27 @@ def _cache_images(predictor: Predictor, rows: pd.DataFrame, cache_root: Path, pr
 
 def predict_rows(predictor: Predictor, rows: pd.DataFrame, y: np.ndarray, *, cache_root: Path, tta: int,
                  seed: int = 0, progress: bool = True) -> SplitPredictions:
-    """Calibrated probabilities (TTA mean when ``tta``>0) and per-image uncertainty for manifest rows."""
+    """Calibrated single-pass probabilities and per-image uncertainty for manifest rows.
+
+    The probabilities, and so every metric, are the deployed predictor's (one pass, as ``predict``
+    and ``serve`` answer); ``tta`` > 0 only changes ``uncertainty`` to the entropy of the mean of the
+    plain pass and ``tta`` augmented passes (:func:`pneumoscope.predict.tta_mean_probs`).
+    """
     cache, report = _cache_images(predictor, rows, cache_root, progress)
     keep = ~rows["path"].isin(report.failed.keys()).to_numpy()
     rows, y = rows[keep], y[keep]
     u8 = torch.from_numpy(cache.get(list(rows["content_hash"])))
     pred = predictor.predict_u8(u8)
     probs_raw = predictor.probs_from_logits(pred.logits * predictor.temperature)  # T = 1
+    single = predictive_entropy(pred.probs)
     if tta > 0:
-        samples = predictor.tta_probs(u8, tta, seed=seed)
-        probs = samples.mean(0)
+        from pneumoscope.predict import tta_mean_probs
+
+        uncertainty = predictive_entropy(tta_mean_probs(predictor, u8, tta, plain=pred.probs, seed=seed))
     else:
-        probs = pred.probs
-    return SplitPredictions(rows=rows, y=y, probs=probs, probs_raw=probs_raw, uncertainty=predictive_entropy(probs))
+        uncertainty = single
+    return SplitPredictions(rows=rows, y=y, probs=pred.probs, probs_raw=probs_raw, uncertainty=uncertainty,
+                            uncertainty_single=single)
 
 
 def _unreadable(df: pd.DataFrame, split: str) -> list[dict]:
@@ -194,20 +203,25 @@ def evaluate_model(model_path: str | Path, data_root: str | Path, *, split: str 
                              "temperature": predictor.temperature}
 
     # uncertainty and referral (cut-off fitted on validation, when the run's validation split is known)
+    # ``single_pass_threshold`` is the same rule on the single-pass entropy that predict and serve
+    # compute; it is the cut-off a bundle stores (pneumoscope.bundle), so a served "refer" means
+    # what the evaluation measured.
+    fit_on = val_pred if val_pred is not None else ev
+    u_thr = fit_refer_threshold(fit_on.uncertainty, refer_fraction)
+    u_thr_single = fit_refer_threshold(fit_on.uncertainty_single, refer_fraction)
     if val_pred is not None:
-        u_thr = fit_refer_threshold(val_pred.uncertainty, refer_fraction)
         rule = f"uncertainty > {u_thr:.4f} (refers {refer_fraction:.0%} of validation)"
     else:
-        u_thr = fit_refer_threshold(ev.uncertainty, refer_fraction)
         rule = f"top {refer_fraction:.0%} most uncertain of this split (no validation split available)"
     refer = refer_flags(ev.uncertainty, uncertainty_threshold=u_thr)
     sel = selective_prediction_curve(y, probs[:, 1] if binary else probs, ev.uncertainty, threshold=thr)
     kept = ~refer
-    result["referral"] = {"rule": rule, "uncertainty_threshold": u_thr, "referred": int(refer.sum()),
+    result["referral"] = {"rule": rule, "uncertainty_threshold": u_thr, "single_pass_threshold": u_thr_single,
+                          "referred": int(refer.sum()),
                           "accuracy_all": float((decision == y).mean()),
                           "accuracy_not_referred": float((decision[kept] == y[kept]).mean()) if kept.any() else math.nan,
                           "coverage": float(kept.mean()), "aurc": sel["aurc"], "uncertainty": "entropy of the "
-                          + (f"mean of {tta} TTA samples" if tta else "prediction")}
+                          + (f"mean of the plain pass and {tta} TTA samples" if tta else "prediction")}
 
     # predictions table
     pred = pd.DataFrame({"path": ev.rows["path"], "patient_id": ev.rows["patient_id"],
