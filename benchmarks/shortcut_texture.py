@@ -117,9 +117,9 @@ def val_rows(run: str, meta: dict, data: str):
     return rows, rows["y"].to_numpy(np.int64)
 
 
-def model_part(run: str, data: str) -> dict:
+def variant_probs(run: str, data: str):
+    """(predictor, validation labels, {"clean": probs, "texture_swapped": probs}) for a model."""
     import torch
-    from sklearn.metrics import roc_auc_score
 
     from pneumoscope.data.cache import ImageCache, default_cache_root
     from pneumoscope.inference import Predictor
@@ -129,14 +129,22 @@ def model_part(run: str, data: str) -> dict:
     cache = ImageCache(default_cache_root(), pred.spec)
     cache.update(list(rows["path"]), list(rows["content_hash"]), progress=False)
     u8 = cache.get(list(rows["content_hash"]))
+    return pred, y, {name: pred.predict_u8(torch.from_numpy(np.ascontiguousarray(imgs))).probs
+                     for name, imgs in (("clean", u8), ("texture_swapped", texture_swapped(u8, y)))}
+
+
+def model_part(run: str, data: str) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    pred, y, variants = variant_probs(run, data)
     out = {"run": run, "n_val": int(len(y)), "threshold": pred.threshold}
-    for name, imgs in (("clean", u8), ("texture_swapped", texture_swapped(u8, y))):
-        probs = pred.predict_u8(torch.from_numpy(np.ascontiguousarray(imgs))).probs
+    for name, probs in variants.items():
         if probs.shape[1] == 2 and pred.threshold is not None:
             p = probs[:, 1]
             dec = (p >= pred.threshold).astype(int)
             out[name] = {"auroc": float(roc_auc_score(y, p)), "sensitivity": float(dec[y == 1].mean()),
-                         "specificity": float(1 - dec[y == 0].mean()), "accuracy": float((dec == y).mean())}
+                         "specificity": float(1 - dec[y == 0].mean()), "accuracy": float((dec == y).mean()),
+                         "brier": float(np.mean((p - y) ** 2))}
         else:
             dec = probs.argmax(1)
             out[name] = {"macro_auroc": float(roc_auc_score(y, probs, multi_class="ovr", average="macro")),

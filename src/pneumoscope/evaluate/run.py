@@ -118,6 +118,9 @@ def evaluate_model(model_path: str | Path, data_root: str | Path, *, split: str 
     """Evaluate a model on one split of a labelled dataset; write predictions, metrics and plots."""
     from pneumoscope.evaluate import plots
     from pneumoscope.train.fit import load_manifest
+    from pneumoscope.utils.memory import tune_malloc
+
+    tune_malloc()
 
     predictor = Predictor.load(model_path)
     # a run, or an ensemble directory (its split.csv holds the validation split its members share)
