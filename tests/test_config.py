@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pneumoscope.config import builtin_configs, load_config
 from pneumoscope.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_builtin_config_validates():
@@ -51,3 +55,14 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="built-in"):
         load_config("no-such-preset")
+
+
+def test_a_relative_base_is_read_beside_the_including_file(tmp_path, monkeypatch):
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "parent.yaml").write_text("base: default\nname: parent\ntrain:\n  batch_size: 8\n")
+    (tmp_path / "cfgs" / "child.yaml").write_text("base: parent.yaml\nname: child\naugment:\n  sharpness: 0.5\n")
+    monkeypatch.chdir(tmp_path)  # not the files' folder
+    cfg = load_config(tmp_path / "cfgs" / "child.yaml")
+    assert (cfg.name, cfg.train.batch_size, cfg.augment.sharpness) == ("child", 8, 0.5)
+    for shipped in sorted((REPO / "experiments" / "candidates").glob("*.yaml")):
+        assert load_config(shipped).model.name == "efficientnet_lite0", shipped

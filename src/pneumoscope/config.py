@@ -186,7 +186,8 @@ def _read_yaml(name_or_path: str | Path) -> dict:
         raise ConfigError(f"{name_or_path}: a config must be a mapping at the top level")
     base = raw.pop("base", None)
     if base:
-        merged = _read_yaml(base)
+        near = p.parent / str(base) if p.exists() else None  # a relative base is read beside this file first
+        merged = _read_yaml(near if near is not None and near.is_file() else base)
         _deep_merge(merged, raw)
         return merged
     return raw
