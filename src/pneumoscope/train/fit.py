@@ -354,6 +354,7 @@ def _fit(cfg: RunConfig, run_dir: Path, *, data_root, resume: bool, cache_root: 
     metric_name = es.metric if es else "val_auroc"
     bs = cfg.train.batch_size
 
+    stash: _Stash | None = None  # a frozen prefix's clean output kept for the next phase
     for phase_i in range(state.phase, len(cfg.train.phases)):
         phase = cfg.train.phases[phase_i]
         if phase_i != state.phase:
@@ -372,13 +373,29 @@ def _fit(cfg: RunConfig, run_dir: Path, *, data_root, resume: bool, cache_root: 
             log.info("phase %s: caching the frozen prefix (stages 0..%d) for %d view(s)", phase.name, k - 1,
                      phase.feature_views)
             t0 = time.perf_counter()
-            train_src = FeatureSource(extract_features(
-                model, k, data.train_images, preset, augment=augment if augment.spec.enabled else None,
-                views=phase.feature_views if augment.spec.enabled else 1, seed=cfg.seed, size=fsz, device=device,
-                progress=progress, desc=f"features {phase.name}"), data.y_train, k)
-            val_src = FeatureSource(extract_features(
-                model, k, data.val_images, preset, augment=None, views=1, seed=cfg.seed, size=fsz, device=device,
-                progress=progress, desc="features val"), data.y_val, k)
+            nxt = cfg.train.phases[phase_i + 1] if phase_i + 1 < len(cfg.train.phases) else None
+            keep = _next_prefix(model, nxt, size, cfg.preprocess.size)
+            keep = keep if keep is not None and 0 < keep < k else None
+            reuse = stash if stash is not None and (stash.stage_index, stash.size) == (k, size) else None
+            if reuse is not None:
+                log.info("phase %s: view 0 of stages 0..%d reused from phase %s's pass", phase.name, k - 1,
+                         reuse.phase)
+            feats = [extract_features(
+                model, k, imgs, preset, augment=aug, views=views, seed=cfg.seed, size=fsz, device=device,
+                progress=progress, desc=desc, keep_at=keep, view0=None if reuse is None else view0)
+                for imgs, aug, views, desc, view0 in (
+                    (data.train_images, augment if augment.spec.enabled else None,
+                     phase.feature_views if augment.spec.enabled else 1, f"features {phase.name}",
+                     None if reuse is None else reuse.train),
+                    (data.val_images, None, 1, "features val", None if reuse is None else reuse.val))]
+            stash = None
+            if keep is not None:
+                (train_feats, kept_train), (val_feats, kept_val) = feats
+                stash = _Stash(phase=phase.name, stage_index=keep, size=size, train=kept_train, val=kept_val)
+            else:
+                train_feats, val_feats = feats
+            train_src = FeatureSource(train_feats, data.y_train, k)
+            val_src = FeatureSource(val_feats, data.y_val, k)
             log.info("phase %s: feature cache %s in %.1f s", phase.name, tuple(train_src.views.shape),
                      time.perf_counter() - t0)
             loop_augment, loop_size = None, None
@@ -479,6 +496,28 @@ def _fit(cfg: RunConfig, run_dir: Path, *, data_root, resume: bool, cache_root: 
         atomic_write_json(run_dir / "summary.json", summary)
     ddp.barrier(dist)
     return summary
+
+
+@dataclass
+class _Stash:
+    """View 0 (clean images) of ``stages[:stage_index]``, computed on the way through a longer
+    frozen prefix, for the next phase's feature cache."""
+
+    phase: str
+    stage_index: int
+    size: int
+    train: torch.Tensor
+    val: torch.Tensor
+
+
+def _next_prefix(model: nn.Module, nxt, size: int, cache_size: int) -> int | None:  # noqa: ANN001
+    """The frozen prefix the next phase will cache, if it caches features at the same resolution."""
+    if nxt is None or not nxt.feature_cache or (nxt.size or cache_size) != size:
+        return None
+    k = model.frozen_stages_for(nxt.freeze, nxt.trainable_stages)
+    while k < model.num_stages and not any(True for _ in model.stages[k].parameters()):
+        k += 1  # a parameter-free stage (pooling) after the frozen ones is frozen too
+    return k
 
 
 def _scheduler_state(scheduler) -> dict | None:
