@@ -39,6 +39,18 @@ def resolve_model(model: str | Path | None) -> Path:
     return d
 
 
+def card_test_metrics(ev: dict, split: str = "test") -> dict:
+    """The ``test_metrics`` block of a model card from an evaluation's ``metrics.json``."""
+    keep = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "auroc", "pr_auc", "brier",
+            "tp", "fp", "tn", "fn", "n", "macro_auroc", "macro_f1")
+    return {"split": split, "data": "Kermany et al. 2018 official test split (624 images)",
+            "threshold": ev["threshold"], **{k: ev["metrics"][k] for k in keep if k in ev["metrics"]},
+            "ci": {k: v for k, v in (ev.get("ci") or {}).items() if not k.startswith("per_class")},
+            # evaluations before single-pass metrics scored the TTA mean when tta_samples > 0
+            "predictions": "single pass" if ("single_pass_threshold" in (ev.get("referral") or {})
+                                             or not ev.get("tta_samples")) else f"mean of {ev['tta_samples']} TTA samples"}
+
+
 def package_model(run: str | Path, out: str | Path | None = None, *, split: str = "test") -> Path:
     """Write the fp16 bundle of ``run``'s best checkpoint with its card and metrics into ``out``."""
     from pneumoscope.inference import resolve_model_dir
@@ -58,12 +70,8 @@ def package_model(run: str | Path, out: str | Path | None = None, *, split: str 
     size = (out / "model.safetensors").stat().st_size
     if size > MAX_BUNDLE_BYTES:
         raise ModelError(f"{out / 'model.safetensors'}: {size / 1e6:.1f} MB is over the 10 MB bundle limit")
-    keep = ("accuracy", "sensitivity", "specificity", "precision", "npv", "f1", "auroc", "pr_auc", "brier",
-            "tp", "fp", "tn", "fn", "n", "macro_auroc", "macro_f1")
     meta["weights_dtype"] = "float16"
-    meta["test_metrics"] = {"split": split, "data": "Kermany et al. 2018 official test split (624 images)",
-                            "threshold": ev["threshold"], **{k: ev["metrics"][k] for k in keep if k in ev["metrics"]},
-                            "ci": {k: v for k, v in (ev.get("ci") or {}).items() if not k.startswith("per_class")}}
+    meta["test_metrics"] = card_test_metrics(ev, split)
     ref = ev.get("referral") or {}
     if ref.get("single_pass_threshold") is not None:  # the uncertainty predict and serve compute
         meta["refer_threshold"] = ref["single_pass_threshold"]
