@@ -28,8 +28,8 @@ from pneumoscope.train.losses import build_loss, class_weights_from_counts
 from pneumoscope.train.schedules import build_optimizer, build_scheduler
 from pneumoscope.utils.memory import tune_malloc
 
-# The same process set-up as `pneumoscope train` (fit() tunes glibc's malloc thresholds), so the
-# pieces are timed as the product runs them; PNEUMOSCOPE_MALLOC=default measures glibc's defaults.
+# The same process set-up as `pneumoscope train` (fit() tunes glibc's malloc thresholds when
+# PNEUMOSCOPE_MALLOC=tuned), so the pieces are timed as the product runs them.
 tune_malloc()
 
 

@@ -370,9 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(-1 if args.quiet else args.verbose)
     if args.func not in (cmd_serve, cmd_models, cmd_configs):
-        # batch work: keep freed activations in the heap instead of re-faulting them every batch
-        # (1.5-1.8x faster CNN passes on CPU; see pneumoscope.utils.memory). The server keeps
-        # glibc's defaults, for its small steady footprint.
+        # batch work, opt-in with PNEUMOSCOPE_MALLOC=tuned: keep freed activations in the heap
+        # instead of re-faulting them every batch (faster CNN passes on CPU, more resident memory;
+        # see pneumoscope.utils.memory). The server never tunes, for its small steady footprint.
         from pneumoscope.utils.memory import tune_malloc
 
         tune_malloc()
