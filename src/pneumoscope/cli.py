@@ -46,7 +46,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from pneumoscope.data.check import check_command
 
     return check_command(args.data or args.data_opt, Path(args.out), manifest_out=Path(args.manifest) if args.manifest else None,
-                         val_fraction=args.val_fraction, seed=args.seed,
+                         val_fraction=args.val_fraction, seed=args.seed, split_method=args.split,
                          progress=_progress(args))
 
 
@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--out", default="out/data_check", help="folder for JSON, Markdown and PNG figures")
     chk.add_argument("--manifest", default=None, help="where to save the manifest (.parquet or .csv)")
     chk.add_argument("--val-fraction", type=float, default=0.15)
+    chk.add_argument("--split", choices=("random", "ordered"), default="random",
+                     help="validation split method (see data.split in the config reference)")
     chk.add_argument("--seed", type=int, default=0)
     chk.set_defaults(func=cmd_data_check)
 

@@ -27,6 +27,10 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     root: str | None = None
     val_fraction: float = Field(0.15, gt=0.0, lt=0.9)
+    split: Literal["random", "ordered"] = Field(
+        "random", description="validation split: 'random' patient-grouped stratified folds (seeded), or 'ordered': "
+                              "the lowest patient numbers of each class and naming series, the way the Kermany "
+                              "test split was cut (pneumoscope.data.split)")
     cache_dir: str | None = None
     workers: int = Field(2, ge=1, le=64)
     limit_per_class: int | None = Field(None, ge=1, description="use at most N train images per class (smoke runs)")

@@ -313,12 +313,12 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> str:
 
 
 class _Data:
-    """The dataset scanned once per sweep, re-split per (val_fraction, seed)."""
+    """The dataset scanned once per sweep, re-split per (val_fraction, seed, split method)."""
 
     def __init__(self, root: Path, out: Path, progress: bool) -> None:
         self.root, self.out, self.progress = root, out, progress
         self._raw = None
-        self._split: dict[tuple[float, int], Any] = {}
+        self._split: dict[tuple[float, int, str], Any] = {}
 
     def raw(self):  # noqa: ANN201
         if self._raw is None:
@@ -340,9 +340,9 @@ class _Data:
     def manifest(self, cfg: RunConfig):  # noqa: ANN201
         from pneumoscope.data.split import patient_split
 
-        key = (cfg.data.val_fraction, cfg.seed)
+        key = (cfg.data.val_fraction, cfg.seed, cfg.data.split)
         if key not in self._split:
-            self._split[key] = patient_split(self.raw(), val_fraction=key[0], seed=key[1])
+            self._split[key] = patient_split(self.raw(), val_fraction=key[0], seed=key[1], method=key[2])
         return self._split[key]
 
 

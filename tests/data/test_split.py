@@ -166,3 +166,50 @@ def test_few_patients_still_split(small_kermany: Path) -> None:
     assert set(pool["split"]) == {"train", "val"}
     assert not set(pool.loc[pool["split"] == "val", "patient_id"]) & set(pool.loc[pool["split"] == "train", "patient_id"])
     assert np.isin(out.loc[out["official_split"] == "test", "split"], ["test"]).all()
+
+
+# ------------------------------------------------------------------ ordered (temporal) split
+def _numbers(df: pd.DataFrame) -> pd.Series:
+    return df["patient_id"].str.extract(r"(\d+)")[0].astype(int)
+
+
+def test_ordered_split_takes_the_earliest_patients_of_each_series(kermany_names: Manifest) -> None:
+    out = patient_split(kermany_names, val_fraction=0.15, seed=0, method="ordered").df
+    pool = out[out["official_split"].isin(["train", "val"])]
+    train_p = set(pool.loc[pool["split"] == "train", "patient_id"])
+    val_p = set(pool.loc[pool["split"] == "val", "patient_id"])
+    assert val_p and not (train_p & val_p)
+    names = pool["path"].map(os.path.basename)
+    normal2 = names.str.startswith("NORMAL2-")
+    im = pool["subtype"].eq("normal") & ~normal2
+    for series in (im, pool["subtype"].eq("normal") & normal2):
+        # the NORMAL2 series' first numbers (0383..) are also IM numbers, so a merged patient can
+        # carry a few later IM images into val; the series' own cut is still at its beginning
+        val_n, train_n = _numbers(pool[series & (pool["split"] == "val")]), _numbers(pool[series & (pool["split"] == "train")])
+        assert val_n.min() == _numbers(pool[series]).min()
+        assert (val_n < train_n.min()).mean() >= 0.4
+    normal = pool[pool["subtype"] == "normal"]
+    assert 0.14 <= (normal["split"] == "val").mean() <= 0.17
+    bacterial = pool[pool["subtype"] == "bacterial"]
+    assert _numbers(bacterial[bacterial["split"] == "val"]).median() < _numbers(bacterial[bacterial["split"] == "train"]).quantile(0.1)
+    # person numbers join the bacterial and viral series, so one stratum may take the other's images
+    assert 0.14 <= (pool["split"] == "val").mean() <= 0.20
+    test = out["official_split"] == "test"
+    pd.testing.assert_frame_equal(out[test], kermany_names.df[test])
+
+
+def test_ordered_split_ignores_the_seed_and_differs_from_random(kermany_names: Manifest) -> None:
+    a = patient_split(kermany_names, seed=1, method="ordered").df["split"]
+    b = patient_split(kermany_names, seed=2, method="ordered").df["split"]
+    pd.testing.assert_series_equal(a, b)
+    assert (a != patient_split(kermany_names, seed=1).df["split"]).sum() > 300
+
+
+def test_ordered_split_keeps_every_stratum_in_train_and_rejects_unknown_methods() -> None:
+    rows = [_row(f"/t/train/NORMAL/IM-{i:04d}-0001.jpeg", "train", "NORMAL") for i in range(3)]
+    rows += [_row("/t/train/PNEUMONIA/person1_bacteria_1.jpeg", "train", "PNEUMONIA")]
+    manifest = Manifest(pd.DataFrame(rows), Path("/t"), "kermany", ["NORMAL", "PNEUMONIA"])
+    out = patient_split(manifest, val_fraction=0.5, method="ordered").df
+    assert out["split"].tolist() == ["val", "val", "train", "train"]  # the lone pneumonia patient stays in train
+    with pytest.raises(ConfigError, match="split method"):
+        patient_split(manifest, method="temporal")

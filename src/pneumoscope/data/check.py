@@ -457,6 +457,7 @@ def check_command(
     val_fraction: float = 0.15,
     seed: int = 0,
     *,
+    split_method: str = "random",
     progress: bool = True,
     workers: int = 2,
 ) -> int:
@@ -469,7 +470,7 @@ def check_command(
     root = resolve_data_root(data)
     manifest = scan_dataset(root, progress=progress, workers=workers)
     try:
-        manifest = patient_split(manifest, val_fraction=val_fraction, seed=seed)
+        manifest = patient_split(manifest, val_fraction=val_fraction, seed=seed, method=split_method)
     except DatasetError as err:
         logger.warning("no validation split cut: %s", err)
     manifest.save(Path(manifest_out) if manifest_out else out / "manifest.parquet")

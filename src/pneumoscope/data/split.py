@@ -13,23 +13,40 @@ child on both sides and inflate every validation score, so the cut is made by *g
   1 % of the pool's on the Kermany data. The realised fraction is ``1/n_splits`` of the groups
   (0.15 -> 1/7 = 14.3 % of the images, roughly).
 
+``method='ordered'`` cuts a *temporal* validation split instead (TRIPOD's "temporal validation"):
+within each class stratum, the patients earliest in their file-naming series (by the first number
+in the patient id: ``IM-0115`` -> 115, ``person78`` -> 78) go to ``val`` until the stratum's
+``val_fraction`` of images is reached; the seed plays no part. Why: the published Kermany test
+split is itself a cut by number, not a random draw. Each naming series gives test a contiguous
+early block (normals ``IM-0001..0111`` and ``NORMAL2-IM-0007..0381``, bacteria ``person78..175``;
+see :mod:`pneumoscope.data.names`), and test normals are where models trained on a random
+validation split fail (about 66 % specificity against 99 %+ on validation). A validation block that
+sits next to the test block in acquisition order carries at least part of that shift, so thresholds
+and epochs chosen on it are chosen under shift, from train images only. The test split is used
+for nothing but the knowledge of how it was cut, which is in its file names.
+
 The official ``val`` folder joins the pool; ``test`` rows are never touched. The result is a pure
-function of the manifest and the seed.
+function of the manifest, the method and (for ``random``) the seed.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 
 import numpy as np
 import pandas as pd
 
 from pneumoscope.data.manifest import Manifest
+from pneumoscope.data.names import naming_series
 from pneumoscope.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
 
 POOL_SPLITS = ("train", "val")
+SPLIT_METHODS = ("random", "ordered")
+_NUMBER = re.compile(r"\d+")
 
 
 def patient_split(
@@ -38,15 +55,20 @@ def patient_split(
     val_fraction: float = 0.15,
     seed: int = 0,
     stratify_on: str = "subtype",
+    method: str = "random",
 ) -> Manifest:
     """A new manifest whose train/val rows are re-split into ``train`` and ``val`` by patient.
 
     ``stratify_on`` is a manifest column (``'subtype'`` or ``'label'``); an empty subtype falls
     back to the label. Rows with ``status == 'error'`` follow their patient's side (``train`` when
-    the patient has no readable image); they are never used to balance the split.
+    the patient has no readable image); they are never used to balance the split. ``method``:
+    ``'random'`` (stratified group folds, seeded) or ``'ordered'`` (lowest patient numbers per
+    stratum and naming series; see the module docstring).
     """
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if method not in SPLIT_METHODS:
+        raise ConfigError(f"split method must be one of {', '.join(SPLIT_METHODS)}, got {method!r}")
     if stratify_on not in manifest.df.columns:
         raise ConfigError(f"stratify_on: unknown manifest column {stratify_on!r}")
     df = manifest.df.copy()
@@ -54,7 +76,10 @@ def patient_split(
     usable = in_pool & (df["status"] == "ok").to_numpy()
 
     groups = group_ids(df)
-    val_groups = _choose_val_groups(df[usable], groups[usable], val_fraction, seed, stratify_on)
+    if method == "ordered":
+        val_groups = _ordered_val_groups(df[usable], groups[usable], val_fraction, stratify_on)
+    else:
+        val_groups = _choose_val_groups(df[usable], groups[usable], val_fraction, seed, stratify_on)
 
     pool_is_val = np.isin(groups, list(val_groups)) & in_pool
     df.loc[in_pool, "split"] = "train"
@@ -123,6 +148,45 @@ def _choose_val_groups(
     except ValueError as err:  # a pool too small to split (a handful of images)
         raise DatasetError(f"cannot cut a validation set from {len(pool)} images: {err}") from None
     return set(groups[val_idx])
+
+
+def _ordered_val_groups(pool: pd.DataFrame, groups: np.ndarray, val_fraction: float, stratify_on: str) -> set[str]:
+    """Per stratum: the groups earliest in their naming series, until ``val_fraction`` of its images.
+
+    "Earliest" is a row's rank among the distinct patient numbers of its series in that stratum,
+    divided by their count (0 = first), so two series (``IM`` and ``NORMAL2-IM``) are taken from
+    at the same pace; a group's key is the smallest over its rows (ids without a number rank last,
+    by the id itself). Every image of a chosen group counts, including images of a group taken by
+    an earlier stratum (the Kermany person numbers join a bacterial and a viral series), and a
+    stratum's last group always stays in train.
+    """
+    if len(np.unique(groups)) < 2:
+        raise DatasetError(
+            f"cannot cut a validation set: the train pool has {len(np.unique(groups))} patient(s), need at least 2"
+        )
+    ids = pool["patient_id"].astype(str).to_numpy()
+    table = pd.DataFrame({
+        "group": groups, "stratum": _strata(pool, stratify_on), "pid": ids,
+        "series": [naming_series(os.path.basename(str(path))) or "" for path in pool["path"]],
+        "number": [float(m.group()) if (m := _NUMBER.search(pid)) else np.inf for pid in ids],
+    })
+    val: set[str] = set()
+    for _, block in table.groupby("stratum", sort=True):
+        rank = block.groupby("series")["number"].rank(method="dense")
+        block = block.assign(key=(rank - 1) / block.groupby("series")["number"].transform("nunique"))
+        order = block.groupby("group").agg(n=("group", "size"), key=("key", "min"), pid=("pid", "min"))
+        order = order.sort_values(["key", "pid"])
+        target = val_fraction * len(block)
+        taken = int(order.loc[order.index.isin(list(val)), "n"].sum())
+        for group, n in zip(order.index[:-1], order["n"].to_numpy()[:-1]):
+            if taken >= target:
+                break
+            if group not in val:
+                val.add(group)
+                taken += int(n)
+    if not val:
+        raise DatasetError(f"cannot cut an ordered validation set from {len(pool)} images: every stratum has one patient")
+    return val
 
 
 def _log_split(pool: pd.DataFrame, stratify_on: str) -> None:

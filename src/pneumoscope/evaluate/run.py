@@ -129,8 +129,10 @@ def evaluate_model(model_path: str | Path, data_root: str | Path, *, split: str 
     cache_root = Path(cache_root) if cache_root else default_cache_root()
     task, class_names = predictor.meta["task"], predictor.class_names
 
-    manifest = load_manifest(data_root, val_fraction=0.15, seed=int(predictor.meta.get("seed", 0)), progress=progress,
-                             require_split=False)
+    val_split = predictor.meta.get("val_split") or {}
+    manifest = load_manifest(data_root, val_fraction=float(val_split.get("val_fraction", 0.15)),
+                             seed=int(predictor.meta.get("seed", 0)), progress=progress, require_split=False,
+                             method=str(val_split.get("method", "random")))
     df = manifest.df.reset_index(drop=True)
     try:
         mask, y_all, ds_classes = task_labels(df, task)

@@ -69,7 +69,7 @@ class PreparedData:
 
 
 def load_manifest(data_root: str | Path, *, val_fraction: float, seed: int, progress: bool,
-                  workers: int = 2, require_split: bool = True) -> Manifest:
+                  workers: int = 2, require_split: bool = True, method: str = "random") -> Manifest:
     """Scan a dataset (or read a saved manifest file) and cut the patient-grouped validation split.
 
     With ``require_split=False`` (evaluation of an external or test-only dataset) a dataset whose
@@ -84,7 +84,7 @@ def load_manifest(data_root: str | Path, *, val_fraction: float, seed: int, prog
     else:
         manifest = scan_dataset(p, progress=progress, workers=workers)
     try:
-        return patient_split(manifest, val_fraction=val_fraction, seed=seed)
+        return patient_split(manifest, val_fraction=val_fraction, seed=seed, method=method)
     except DatasetError as err:
         if require_split:
             raise
@@ -126,7 +126,7 @@ def prepare_data(cfg: RunConfig, data_root: str | Path, *, cache_root: Path, pro
     """Manifest → task labels → train/val rows → cached uint8 images (test rows are never touched)."""
     if manifest is None:
         manifest = load_manifest(data_root, val_fraction=cfg.data.val_fraction, seed=cfg.seed,
-                                 progress=progress and dist.is_main, workers=cfg.data.workers)
+                                 progress=progress and dist.is_main, workers=cfg.data.workers, method=cfg.data.split)
     df = manifest.df.reset_index(drop=True)
     mask, y, class_names = task_labels(df, cfg.task)
     rows = df[mask].assign(y=y)
@@ -243,6 +243,7 @@ def checkpoint_meta(model: nn.Module, *, cfg: RunConfig, class_names: list[str],
         "model": model_spec(model), "task": cfg.task, "class_names": class_names,
         "output": "sigmoid" if model.num_classes == 1 else "softmax",
         "preprocess": {**spec.to_dict(), "size": input_size}, "run_name": cfg.name, "seed": cfg.seed,
+        "val_split": {"method": cfg.data.split, "val_fraction": cfg.data.val_fraction},
         "pretrained_source": getattr(model, "pretrained_source", None), **(extra or {}),
     }
 
