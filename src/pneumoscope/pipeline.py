@@ -27,15 +27,17 @@ def main_job(data: str | None, out: Path, *, config: str = "default", overrides:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
+    cfg = load_config(config, overrides or [])
     log.info("[1/4] data check of %s", root)
-    check_rc = check_command(str(root), out / "data_check", progress=progress)
+    # the check reports the same validation split the training run will cut
+    check_rc = check_command(str(root), out / "data_check", val_fraction=cfg.data.val_fraction, seed=cfg.seed,
+                             split_method=cfg.data.split, progress=progress)
     # Training and evaluation read the data check's manifest instead of scanning (and decoding
-    # every image) again; it is re-split there by the run's own seed.
+    # every image) again; it is re-split there by the run's own seed and split method.
     manifest_path = out / "data_check" / "manifest.parquet"
     source = manifest_path if manifest_path.exists() else root
     timings["data_check"] = time.perf_counter() - t0
 
-    cfg = load_config(config, overrides or [])
     run_dir = out / "runs" / cfg.name
     t = time.perf_counter()
     if (run_dir / "summary.json").exists():
