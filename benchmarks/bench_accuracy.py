@@ -107,6 +107,11 @@ def main() -> int:
     ap.add_argument("--ensemble", nargs="*", default=[], help="LABEL=DIR ensembles (pneumoscope ensemble)")
     ap.add_argument("--seed-preset", nargs="*", default=[], help="LABEL=RUN of the seed presets")
     ap.add_argument("--note", action="append", default=[], help="extra line under the table")
+    ap.add_argument("--best-single", default=None,
+                    help="LABEL chosen by a rule fixed in advance elsewhere (docs/recipe_selection.md) instead of "
+                         "the highest validation AUROC, which saturates on the random split")
+    ap.add_argument("--protocol", default="epoch, threshold chosen on patient-grouped val",
+                    help="the protocol column of pneumoscope's rows")
     args = ap.parse_args()
 
     machine = machine_info()
@@ -120,19 +125,25 @@ def main() -> int:
         info[label] = {"dir": str(d), "val_auroc": val["metrics"]["auroc"], "test": test, "sens98": sens_point(d),
                        "weights": weights_of(d)}
 
-    best_single = max((lbl for lbl, _ in singles + seeds), key=lambda lbl: info[lbl]["val_auroc"])
+    if args.best_single:
+        if args.best_single not in info:
+            raise SystemExit(f"--best-single {args.best_single!r}: not one of the candidates' labels")
+        best_single, best_rule = args.best_single, "best single (pre-registered rule, docs/recipe_selection.md)"
+    else:
+        best_single = max((lbl for lbl, _ in singles + seeds), key=lambda lbl: info[lbl]["val_auroc"])
+        best_rule = "best single (by val AUROC)"
     best_ens = max((lbl for lbl, _ in ensembles), key=lambda lbl: info[lbl]["val_auroc"]) if ensembles else None
 
     def row(label: str, role: str) -> list:
         ev = info[label]["test"]
         (tn, fp), (fn, tp) = ev["confusion"]
-        return [f"{role}: {label}", info[label]["weights"], "epoch, threshold chosen on patient-grouped val",
+        return [f"{role}: {label}", info[label]["weights"], args.protocol,
                 f"{info[label]['val_auroc']:.4f}", pct_ci(ev, "accuracy"), pct_ci(ev, "sensitivity"),
                 pct_ci(ev, "specificity"), auroc_ci(ev), f"[[{tn}, {fp}], [{fn}, {tp}]]"]
 
-    rows = [row(default[0], "pneumoscope default"), row(best_single, "best single (by val AUROC)")]
+    rows = [row(default[0], "pneumoscope default"), row(best_single, best_rule)]
     if best_ens:
-        rows.append(row(best_ens, "best ensemble (by val AUROC)"))
+        rows.append(row(best_ens, "best ensemble (by val AUROC)" if len(ensembles) > 1 else "ensemble (fixed in advance)"))
     for label, _ in seeds:
         rows.append(row(label, "seed preset"))
     for lbl, _ in singles + ensembles:

@@ -18,6 +18,7 @@ from pneumoscope.evaluate.plots import (
     plot_reliability,
     plot_roc,
     plot_training_curves,
+    training_phase_starts,
 )
 from pneumoscope.evaluate.uncertainty import predictive_entropy, selective_prediction_curve
 
@@ -98,3 +99,11 @@ def test_training_curves_with_and_without_optional_columns(tmp_path):
     assert three[0] == 600 and three[1] > 480  # three stacked panels are taller
     with pytest.raises(ValueError, match="no loss"):
         plot_training_curves(full[["epoch"]], tmp_path / "c.png")
+
+
+def test_training_curves_mark_where_each_later_phase_starts(tmp_path):
+    hist = pd.DataFrame({"epoch": np.arange(1, 8), "phase": ["probe"] * 3 + ["finetune"] * 4,
+                         "train_loss": np.linspace(1, 0.2, 7), "lr": [3e-3] * 3 + [3e-4] * 4})
+    assert training_phase_starts(hist, hist["epoch"].to_numpy()) == [(3.5, "finetune")]
+    assert training_phase_starts(hist.drop(columns="phase"), hist["epoch"].to_numpy()) == []
+    _check(tmp_path / "p.png", plot_training_curves(hist, tmp_path / "p.png"), size=None)

@@ -250,13 +250,23 @@ def plot_coverage(curve: Mapping[str, Any], path: PathLike, title: str = "Select
     return _save(fig, path)
 
 
+def training_phase_starts(history: Any, x: np.ndarray) -> list[tuple[float, str]]:
+    """``(x position, phase name)`` half an epoch before each epoch whose ``phase`` differs from the last."""
+    if "phase" not in history.columns or len(history) == 0:
+        return []
+    phases = history["phase"].astype(str).to_numpy()
+    return [(float(x[i]) - 0.5, phases[i]) for i in range(1, len(phases)) if phases[i] != phases[i - 1]]
+
+
 def plot_training_curves(history: Any, path: PathLike, title: str = "Training history") -> Path:
     """Loss, AUROC and learning-rate panels from a per-epoch history table.
 
     ``history`` is a pandas DataFrame with ``epoch`` and any of ``*_loss`` (e.g. ``train_loss``,
     ``val_loss``), ``*_auroc`` and ``lr`` / ``lr*`` columns; panels without columns are left out,
     NaN entries (metrics logged every few epochs) are skipped, and the epoch of the best
-    ``val_auroc`` is marked.
+    ``val_auroc`` is marked. With a ``phase`` column (two-phase fine-tuning), each phase after the
+    first is marked where it starts, so a jump in loss or learning rate is read as the phase change
+    it is.
     """
     cols = [str(c) for c in history.columns]
     panels = [
@@ -271,6 +281,7 @@ def plot_training_curves(history: Any, path: PathLike, title: str = "Training hi
     best_epoch = None
     if "val_auroc" in cols and history["val_auroc"].notna().any():
         best_epoch = x[int(np.nanargmax(history["val_auroc"].to_numpy(dtype=np.float64)))]
+    phase_starts = training_phase_starts(history, x)
 
     fig = _figure((FIGSIZE[0], max(FIGSIZE[1], 2.2 * len(panels))))
     axes = np.atleast_1d(fig.subplots(len(panels), 1, sharex=True))
@@ -283,9 +294,14 @@ def plot_training_curves(history: Any, path: PathLike, title: str = "Training hi
             ax.set_yscale("log")
         if best_epoch is not None:
             ax.axvline(best_epoch, linestyle=":", color="grey", linewidth=1)
+        for start, _ in phase_starts:
+            ax.axvline(start, linestyle="--", color="tab:purple", linewidth=1, alpha=0.7)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    for start, phase in phase_starts:
+        axes[0].annotate(f"phase {phase}", xy=(start, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -10),
+                         textcoords="offset points", fontsize=7, color="tab:purple")
     axes[0].set_title(title if best_epoch is None else f"{title} (best val AUROC at epoch {best_epoch})")
     axes[-1].set_xlabel("epoch")
     return _save(fig, path)
