@@ -29,7 +29,9 @@ def test_identical_runs_differ_by_zero(tmp_path, evaluated):
     assert res["n_images"] == 624
     for row in res["differences"]:
         assert row["A_minus_B"] == 0 and row["lo"] == 0 and row["hi"] == 0 and not row["ci_excludes_0"]
-    assert "paired patient-bootstrap" in (tmp_path / "cmp" / "paired.md").read_text()
+    md = (tmp_path / "cmp" / "paired.md").read_text()
+    assert "paired patient-bootstrap" in md and "validation-chosen threshold (A" in md
+    assert res["decision"] == "threshold" and set(res["thresholds"]) == {"A", "B"}
 
 
 def test_a_worse_copy_gives_the_auroc_difference(tmp_path, evaluated):

@@ -93,14 +93,16 @@ def paired_comparison(run_a: str | Path, run_b: str | Path, out: str | Path, *, 
              "ci_excludes_0": bool(ci[k]["lo"] > 0 or ci[k]["hi"] < 0)} for k in diff.keys]
     res = {"split": split, "run_a": str(run_a), "run_b": str(run_b), "n_images": int(len(y)),
            "n_patients": int(merged["patient_id_a"].nunique()), "n_boot": n_boot,
-           "thresholds": {"A": diff.thr[0], "B": diff.thr[1]}, "differences": rows}
+           "thresholds": {"A": diff.thr[0], "B": diff.thr[1]} if c == 2 else None, "decision": "threshold" if c == 2 else "argmax",
+           "differences": rows}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "paired.json", res)
     table = pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f")
+    decision = (f"each run at its own validation-chosen threshold (A {diff.thr[0]:.4f}, B {diff.thr[1]:.4f})" if c == 2
+                else "each run's class is its argmax (no threshold)")
     atomic_write_text(out / "paired.md", f"# Paired comparison on the {split} split\n\nA = `{run_a}`, B = `{run_b}`; "
-                      f"{res['n_images']} images of {res['n_patients']} patients; each run at its own validation-chosen "
-                      f"threshold (A {diff.thr[0]:.4f}, B {diff.thr[1]:.4f}). A − B with 95 % paired patient-bootstrap "
-                      f"CIs ({n_boot} resamples).\n\n{table}\n")
+                      f"{res['n_images']} images of {res['n_patients']} patients; {decision}. A − B with 95 % paired "
+                      f"patient-bootstrap CIs ({n_boot} resamples).\n\n{table}\n")
     log.info("paired comparison written to %s", out)
     return res
