@@ -257,3 +257,26 @@ def test_cam_geometry_maps_back_to_original(resize: str, tmp_path: Path, fullres
     assert gray.shape[0] / gray.shape[1] == pytest.approx(img.shape[0] / img.shape[1], abs=0.01)
     diff = np.abs(rgb[..., 0].astype(float) - gray.astype(float))
     assert diff.mean() < 6, diff.mean()  # misaligned by a few pixels would be >> 10
+
+
+def test_tta_mean_runs_in_batches_and_does_not_depend_on_them(tmp_path: Path, data_root: Path) -> None:
+    """``evaluate --tta`` hands a whole split to tta_mean_probs; it must still run 64 at a time
+    (one 900-image pass held ~13 GB), and the batch size must not change the result."""
+    import torch
+
+    from pneumoscope.inference import Predictor
+    from pneumoscope.predict import tta_mean_probs
+
+    predictor = Predictor.load(make_checkpoint(tmp_path / "m"))
+    files = sorted((data_root / "train" / "NORMAL").glob("*.jpeg"))[:70]
+    size = int(predictor.meta["preprocess"]["size"])
+    u8 = torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("L").resize((size, size))) for f in files]))
+    seen: list[int] = []
+    hook = predictor.model.register_forward_pre_hook(lambda _m, args: seen.append(int(args[0].shape[0])))
+    try:
+        a = tta_mean_probs(predictor, u8, 2, seed=3, batch_size=32)
+    finally:
+        hook.remove()
+    assert max(seen) == 32 and sum(seen) == 3 * len(files)  # plain pass + 2 augmented, 32 at a time
+    b = tta_mean_probs(predictor, u8, 2, seed=3, batch_size=len(files))
+    assert np.allclose(a, b, atol=1e-6)

@@ -151,14 +151,16 @@ class BatchResult:
 
 
 def tta_mean_probs(predictor: Predictor, u8: torch.Tensor, n: int, *, plain: np.ndarray | None = None,
-                   seed: int = 0) -> np.ndarray:
+                   seed: int = 0, batch_size: int = 64) -> np.ndarray:
     """The mean of the plain pass and ``n`` mildly augmented passes (:meth:`Predictor.tta_probs`).
 
-    The one definition of a TTA mean, shared by ``predict --tta`` and ``evaluate --tta``.
+    The one definition of a TTA mean, shared by ``predict --tta`` and ``evaluate --tta``. The
+    passes run ``batch_size`` images at a time: ``evaluate`` hands over a whole split, and one
+    forward pass over 900 images at once held about 13 GB of activations.
     """
     if plain is None:
-        plain = predictor.predict_u8(u8, batch_size=max(1, len(u8))).probs
-    return np.concatenate([plain[None], predictor.tta_probs(u8, n, seed=seed, batch_size=max(1, len(u8)))]).mean(0)
+        plain = predictor.predict_u8(u8, batch_size=batch_size).probs
+    return np.concatenate([plain[None], predictor.tta_probs(u8, n, seed=seed, batch_size=batch_size)]).mean(0)
 
 
 def predict_prepared(predictor: Predictor, u8: torch.Tensor, *, tta: int = 0) -> BatchResult:
@@ -170,8 +172,9 @@ def predict_prepared(predictor: Predictor, u8: torch.Tensor, *, tta: int = 0) ->
     """
     from pneumoscope.evaluate.uncertainty import predictive_entropy
 
-    plain = predictor.predict_u8(u8, batch_size=max(1, len(u8))).probs
-    probs = tta_mean_probs(predictor, u8, tta, plain=plain) if tta > 0 else plain
+    batch = max(1, len(u8))  # the caller's batch (predict batches its files), in one pass
+    plain = predictor.predict_u8(u8, batch_size=batch).probs
+    probs = tta_mean_probs(predictor, u8, tta, plain=plain, batch_size=batch) if tta > 0 else plain
     uncertainty = predictive_entropy(np.clip(probs, 0.0, 1.0))
     cut = refer_threshold(predictor.meta)
     single = uncertainty if tta == 0 else predictive_entropy(np.clip(plain, 0.0, 1.0))

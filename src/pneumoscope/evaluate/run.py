@@ -73,13 +73,17 @@ def predict_rows(predictor: Predictor, rows: pd.DataFrame, y: np.ndarray, *, cac
     keep = ~rows["path"].isin(report.failed.keys()).to_numpy()
     rows, y = rows[keep], y[keep]
     u8 = torch.from_numpy(cache.get(list(rows["content_hash"])))
+    from pneumoscope.utils.memory import release_memory
+
     pred = predictor.predict_u8(u8)
+    release_memory()
     probs_raw = predictor.probs_from_logits(pred.logits * predictor.temperature)  # T = 1
     single = predictive_entropy(pred.probs)
     if tta > 0:
         from pneumoscope.predict import tta_mean_probs
 
         uncertainty = predictive_entropy(tta_mean_probs(predictor, u8, tta, plain=pred.probs, seed=seed))
+        release_memory()
     else:
         uncertainty = single
     return SplitPredictions(rows=rows, y=y, probs=pred.probs, probs_raw=probs_raw, uncertainty=uncertainty,

@@ -48,6 +48,7 @@ from pneumoscope.train.dummy import RealClasses, drop_dummy_output
 from pneumoscope.train.losses import build_loss, class_weights_from_counts, num_outputs
 from pneumoscope.train.schedules import build_optimizer, build_scheduler
 from pneumoscope.utils.io import RunLock, atomic_path, atomic_write_json, atomic_write_text, atomic_write_yaml
+from pneumoscope.utils.memory import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -389,6 +390,7 @@ def _fit(cfg: RunConfig, run_dir: Path, *, data_root, resume: bool, cache_root: 
                 view0=reuse.train if reuse else None, **common)
             val_feats = extract_features(model, k, data.val_images, augment=None, views=1, desc="features val",
                                          view0=reuse.val if reuse else None, **common)
+            release_memory()  # the pass's activations, before the epochs' differently shaped ones
             stash = None
             if keep is not None:  # (features, kept view 0 of stages[:keep])
                 (train_feats, kept_train), (val_feats, kept_val) = train_feats, val_feats
@@ -456,6 +458,7 @@ def _fit(cfg: RunConfig, run_dir: Path, *, data_root, resume: bool, cache_root: 
                    "epoch_seconds": tr["seconds"], "elapsed_seconds": time.perf_counter() - t_start,
                    "trainable_stages": model.num_stages - k, "feature_cache": use_features}
             history.append(row)
+            release_memory()
             log.info("epoch %d (%s %d/%d): train loss %.4f acc %.3f | val loss %.4f acc %.3f AUROC %.4f | %.1f img/s",
                      ge + 1, phase.name, epoch + 1, phase.epochs, tr["loss"], tr["accuracy"], ev["loss"],
                      ev["accuracy"], ev["auroc"], tr["images_per_s"])

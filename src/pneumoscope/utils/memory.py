@@ -12,13 +12,11 @@ no caching of its own; jemalloc/tcmalloc via ``LD_PRELOAD`` fix the same thing, 
 switched on from inside a running process, while ``mallopt`` can.
 
 **Opt-in** (``PNEUMOSCOPE_MALLOC=tuned``): the CLI's batch commands, ``fit`` and
-``evaluate_model`` call :func:`tune_malloc`, which does nothing unless the variable asks for it.
-Why not on by default: a whole main job (``pneumoscope run``: feature pass, 10 epochs, TTA-8
-evaluation) with the tuned thresholds peaked at 14.8 GB resident instead of 3.1 GB — freed
-blocks of many sizes stay in the heap and fragment it — against the 4 GB training target. Until a
-setting is found that keeps the speed without the growth (a lower trim threshold, or an arena
-limit), it is for short batch jobs on a machine with memory to spare. Other C libraries (musl,
-macOS) are left as they are.
+``evaluate_model`` call :func:`tune_malloc`, which does nothing unless the variable asks for it,
+and :func:`release_memory` trims the heap between phases. It was made opt-in on 2026-12-01 after
+a whole main job peaked at 14.8 GB resident with it; that peak turned out not to be the
+allocator's: ``evaluate --tta`` ran the TTA passes over a whole split in one batch (13.2 GB with
+glibc's defaults too), fixed the same day. Other C libraries (musl, macOS) are left as they are.
 """
 
 from __future__ import annotations
@@ -39,6 +37,7 @@ MMAP_THRESHOLD = 512 * 1024 * 1024
 TRIM_THRESHOLD = 1024 * 1024 * 1024
 
 _applied: bool | None = None
+_libc = None
 
 
 def tune_malloc() -> bool:
@@ -59,5 +58,26 @@ def tune_malloc() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     _applied = bool(ok)
+    global _libc
+    _libc = libc if _applied else None
     log.debug("glibc malloc thresholds raised: %s", _applied)
     return _applied
+
+
+def release_memory() -> bool:
+    """Hand the heap's free pages back to the kernel (glibc ``malloc_trim(0)``, all arenas).
+
+    Only when :func:`tune_malloc` is in effect (otherwise glibc already unmaps large blocks and
+    this is a no-op returning False). Called between the phases of a job — after a feature pass,
+    after each epoch, after each evaluation pass — so the blocks kept for reuse within a phase do
+    not pile up across phases of different shapes, while every batch inside a phase still reuses
+    the heap.
+    """
+    if _libc is None:
+        return False
+    try:
+        trim = _libc.malloc_trim
+    except AttributeError:
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0))
