@@ -53,7 +53,9 @@ def main() -> int:
     wall = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"pneumoscope run failed with exit code {rc}")
-    run = out / "runs" / args.config
+    from pneumoscope.config import load_config
+
+    run = out / "runs" / load_config(args.config).name  # the run directory is named after the config's name
     hist = [l for l in (run / "metrics.csv").read_text().splitlines()]
     summary = json.loads((run / "summary.json").read_text())
     ev = json.loads((run / "eval" / "test" / "metrics.json").read_text())

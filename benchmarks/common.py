@@ -27,7 +27,8 @@ DEFAULT_RESULTS_DIR = BENCH_DIR / "results"
 #: The dataset the benchmarks read by default (never copied into the repository).
 DEFAULT_DATA = Path(os.environ.get("PNEUMOSCOPE_DATA") or REPO.parent / "shared" / "data" / "chest_xray")
 #: Environment variables that change what a benchmark measures; echoed in the command line.
-_PERF_ENV = ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "PNEUMOSCOPE_DATA", "PNEUMOSCOPE_CACHE")
+_PERF_ENV = ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "PNEUMOSCOPE_DATA", "PNEUMOSCOPE_CACHE",
+             "PNEUMOSCOPE_MALLOC")
 
 if str(REPO / "src") not in sys.path and (REPO / "src" / "pneumoscope").is_dir():
     # The benchmarks measure the working tree's code, also when PYTHONPATH was not set.
