@@ -254,7 +254,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, *, data_root: str | Path, resume: b
     """Train ``cfg`` into ``run_dir`` (or continue it with ``resume=True``); returns the summary dict."""
     from pneumoscope.utils.memory import tune_malloc
 
-    tune_malloc()  # opt-in (PNEUMOSCOPE_MALLOC=tuned): heap reuse instead of page faults, see utils/memory
+    tune_malloc()  # heap reuse instead of page faults (PNEUMOSCOPE_MALLOC=default: off), see utils/memory
     run_dir = Path(run_dir)
     dist = ddp.init_distributed()
     lock = RunLock(run_dir).acquire() if dist.is_main else None

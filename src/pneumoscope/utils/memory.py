@@ -11,12 +11,15 @@ resident memory (freed blocks stay in the heap for the next batch). PyTorch's CP
 no caching of its own; jemalloc/tcmalloc via ``LD_PRELOAD`` fix the same thing, but cannot be
 switched on from inside a running process, while ``mallopt`` can.
 
-**Opt-in** (``PNEUMOSCOPE_MALLOC=tuned``): the CLI's batch commands, ``fit`` and
-``evaluate_model`` call :func:`tune_malloc`, which does nothing unless the variable asks for it,
-and :func:`release_memory` trims the heap between phases. It was made opt-in on 2026-12-01 after
-a whole main job peaked at 14.8 GB resident with it; that peak turned out not to be the
-allocator's: ``evaluate --tta`` ran the TTA passes over a whole split in one batch (13.2 GB with
-glibc's defaults too), fixed the same day. Other C libraries (musl, macOS) are left as they are.
+**On by default for batch work; ``PNEUMOSCOPE_MALLOC=default`` switches it off.** The CLI's
+batch commands, ``fit`` and ``evaluate_model`` call :func:`tune_malloc`, and :func:`release_memory`
+trims the heap between phases (after a feature pass, each epoch, each evaluation pass). The
+server never tunes, for its small steady footprint. Measured on the whole main job
+(``benchmarks/results/main_job.md``): feature pass 170 s instead of 325 s, peak RSS 3.7 GB.
+History: on 2026-12-01 this was first made opt-in after a main job peaked at 14.8 GB with it;
+that peak was not the allocator's: ``evaluate --tta`` ran each TTA pass over a whole split in one
+batch (13.2 GB with glibc's defaults too), fixed the same day. Other C libraries (musl, macOS)
+are left as they are.
 """
 
 from __future__ import annotations
@@ -36,17 +39,20 @@ MMAP_THRESHOLD = 512 * 1024 * 1024
 #: free memory at the top of the heap is returned to the kernel only beyond this much
 TRIM_THRESHOLD = 1024 * 1024 * 1024
 
+#: values of ``PNEUMOSCOPE_MALLOC`` that leave glibc's own behaviour (anything else tunes)
+OFF = ("default", "glibc", "off", "0", "no", "false")
+
 _applied: bool | None = None
 _libc = None
 
 
 def tune_malloc() -> bool:
     """Raise glibc's mmap and trim thresholds once per process; True if they are in effect."""
-    global _applied
+    global _applied, _libc
     if _applied is not None:
         return _applied
     _applied = False
-    if os.environ.get("PNEUMOSCOPE_MALLOC", "").lower() not in ("tuned", "on", "1", "yes"):
+    if os.environ.get("PNEUMOSCOPE_MALLOC", "tuned").lower() in OFF:
         return False
     if not sys.platform.startswith("linux"):
         return False
@@ -58,7 +64,6 @@ def tune_malloc() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     _applied = bool(ok)
-    global _libc
     _libc = libc if _applied else None
     log.debug("glibc malloc thresholds raised: %s", _applied)
     return _applied
