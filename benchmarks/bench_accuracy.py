@@ -51,16 +51,23 @@ def parse_pairs(items: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
+def eval_dir(model_dir: Path, split: str) -> Path:
+    """Where ``pneumoscope evaluate`` writes by default (the bundled model's goes to ``out/eval``)."""
+    from pneumoscope.evaluate.run import default_eval_dir
+
+    return default_eval_dir(model_dir, split)
+
+
 def ensure_eval(model_dir: Path, split: str, data: str) -> dict:
-    path = model_dir / "eval" / split / "metrics.json"
+    path = eval_dir(model_dir, split) / "metrics.json"
     if not path.exists():
         subprocess.run([sys.executable, "-m", "pneumoscope", "evaluate", str(model_dir), "--data", data, "--split",
-                        split, "--tta", "0", "--no-progress"], check=True)
+                        split, "--tta", "0", "--out", str(path.parent), "--no-progress"], check=True)
     return json.loads(path.read_text())
 
 
 def probs_of(model_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    pred = pd.read_csv(model_dir / "eval" / split / "predictions.csv")
+    pred = pd.read_csv(eval_dir(model_dir, split) / "predictions.csv")
     return (pred["label"] == "PNEUMONIA").to_numpy(np.int64), pred["prob_PNEUMONIA"].to_numpy(np.float64)
 
 

@@ -109,9 +109,9 @@ def val_rows(run: str, meta: dict, data: str):
     got = _val_rows(Path(run), None, meta["task"])
     if got is not None:
         return got
-    split = meta.get("val_split") or {}
-    m = load_manifest(data, val_fraction=float(split.get("val_fraction", 0.15)), seed=int(meta.get("seed", 0)),
-                      progress=False, method=str(split.get("method", "random")))
+    from pneumoscope.evaluate.run import split_of
+
+    m = load_manifest(data, progress=False, **split_of(meta))
     df = m.df[m.df["status"] == "ok"].reset_index(drop=True)
     mask, y, _ = task_labels(df, meta["task"])
     rows = df[mask].assign(y=y)

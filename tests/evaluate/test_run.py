@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -101,3 +102,11 @@ def test_bundle_stores_the_single_pass_referral_cut_off(tmp_path, data_root, pic
     meta = json.loads((package_model(run, tmp_path / "bundle") / "model.json").read_text())
     assert meta["refer_threshold"] == ev["referral"]["single_pass_threshold"]
     assert "single-pass" in meta["refer_rule"]
+
+
+def test_evaluating_the_bundled_model_never_writes_into_the_package(tmp_path):
+    from pneumoscope.bundle import bundled_model_dir
+    from pneumoscope.evaluate.run import default_eval_dir
+
+    assert default_eval_dir(bundled_model_dir(), "test") == Path("out") / "eval" / "default" / "test"
+    assert default_eval_dir(tmp_path / "run", "val") == tmp_path / "run" / "eval" / "val"

@@ -36,6 +36,7 @@ from pneumoscope.evaluate.uncertainty import (fit_refer_threshold, predictive_en
                                               selective_prediction_curve)
 from pneumoscope.inference import Predictor
 from pneumoscope.utils.io import atomic_path, atomic_write_json, atomic_write_text
+from pneumoscope.utils.memory import release_memory, tune_malloc
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,6 @@ def predict_rows(predictor: Predictor, rows: pd.DataFrame, y: np.ndarray, *, cac
     keep = ~rows["path"].isin(report.failed.keys()).to_numpy()
     rows, y = rows[keep], y[keep]
     u8 = torch.from_numpy(cache.get(list(rows["content_hash"])))
-    from pneumoscope.utils.memory import release_memory
-
     pred = predictor.predict_u8(u8)
     release_memory()
     probs_raw = predictor.probs_from_logits(pred.logits * predictor.temperature)  # T = 1
@@ -116,27 +115,40 @@ def _val_rows(run_dir: Path | None, manifest_df: pd.DataFrame, task: str) -> tup
     return val.reset_index(drop=True), val["y"].to_numpy(np.int64)
 
 
+def split_of(meta: dict) -> dict:
+    """``load_manifest`` arguments that re-cut a model's own validation split from its ``model.json``
+    (models from before ``val_split`` was recorded used the random 15 % split)."""
+    val_split = meta.get("val_split") or {}
+    return {"val_fraction": float(val_split.get("val_fraction", 0.15)), "seed": int(meta.get("seed", 0)),
+            "method": str(val_split.get("method", "random"))}
+
+
+def default_eval_dir(model_dir: Path, split: str) -> Path:
+    """``MODEL/eval/SPLIT``, except for a model shipped inside the installed package (the bundled
+    model), whose evaluation goes to ``./out/eval/<name>/SPLIT``: never write into site-packages."""
+    package = Path(__file__).resolve().parents[1]
+    if Path(model_dir).resolve().is_relative_to(package):
+        return Path("out") / "eval" / Path(model_dir).name / split
+    return Path(model_dir) / "eval" / split
+
+
 def evaluate_model(model_path: str | Path, data_root: str | Path, *, split: str = "test", out: str | Path | None = None,
                    bootstrap: int = 1000, tta: int = 8, refer_fraction: float = 0.1, cache_root: str | Path | None = None,
                    progress: bool = True, seed: int = 0) -> dict:
     """Evaluate a model on one split of a labelled dataset; write predictions, metrics and plots."""
     from pneumoscope.evaluate import plots
     from pneumoscope.train.fit import load_manifest
-    from pneumoscope.utils.memory import tune_malloc
 
     tune_malloc()
 
     predictor = Predictor.load(model_path)
     # a run, or an ensemble directory (its split.csv holds the validation split its members share)
     run_dir = Path(model_path) if any((Path(model_path) / f).exists() for f in ("checkpoints", "split.csv")) else None
-    out_dir = Path(out) if out else (run_dir or predictor.source_dir) / "eval" / split
+    out_dir = Path(out) if out else default_eval_dir(run_dir or predictor.source_dir, split)
     cache_root = Path(cache_root) if cache_root else default_cache_root()
     task, class_names = predictor.meta["task"], predictor.class_names
 
-    val_split = predictor.meta.get("val_split") or {}
-    manifest = load_manifest(data_root, val_fraction=float(val_split.get("val_fraction", 0.15)),
-                             seed=int(predictor.meta.get("seed", 0)), progress=progress, require_split=False,
-                             method=str(val_split.get("method", "random")))
+    manifest = load_manifest(data_root, progress=progress, require_split=False, **split_of(predictor.meta))
     df = manifest.df.reset_index(drop=True)
     try:
         mask, y_all, ds_classes = task_labels(df, task)
