@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run", help="run directory, checkpoint directory or exported model")
     _data_arg(ev)
     ev.add_argument("--split", default="test", help="test | val | train | all (default test)")
-    ev.add_argument("--out", default=None, help="output folder (default RUN/eval/SPLIT)")
+    ev.add_argument("--out", default=None,
+                    help="output folder (default RUN/eval/SPLIT; out/eval/default/SPLIT for the bundled model)")
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (patients)")
     ev.add_argument("--tta", type=int, default=8, help="test-time augmentation samples for uncertainty (0: off)")
     ev.add_argument("--refer-fraction", type=float, default=0.1,
