@@ -149,9 +149,44 @@ def compute_bound(cfg, model, batch: torch.Tensor, labels: torch.Tensor, steps: 
     return Measured(steps * len(labels), time.perf_counter() - t0)
 
 
+@dataclass
+class Round:
+    """One pipeline epoch and, right after it, the compute-only bound over as many steps."""
+
+    pipeline: Measured
+    bound: Measured
+
+    @property
+    def efficiency(self) -> float:
+        return self.pipeline.rate / self.bound.rate
+
+
+def interleaved_rounds(cfg, model, source, labels: np.ndarray, preset: EvalPreset, augment: TrainPreset | None,
+                       bound_batch: torch.Tensor, lr: float, rounds: int,
+                       start_stage: int | None = None) -> list[Round]:
+    """``rounds`` × (one pipeline epoch, then the bound over the same number of steps), after one warm-up epoch.
+
+    Why interleaved: on a shared 2-core VM the machine's speed drifts by ±15 % over minutes, so a
+    pipeline rate timed in one minute and a bound timed in another give a ratio that is mostly
+    drift (a single pair measured 0.80 for a step whose input work is 0.4 ms of ~55 ms per image).
+    Each round's ratio compares two measurements taken back to back; the benchmark reports their
+    median and range.
+    """
+    bs = cfg.train.batch_size
+    bound_labels = torch.as_tensor(labels[:bs])
+    pipeline_epochs(cfg, model, source, labels, preset, augment, 1, lr)  # warm-up, not counted
+    out = []
+    for _ in range(rounds):
+        pipe = pipeline_epochs(cfg, model, source, labels, preset, augment, 1, lr)[-1]
+        bound = compute_bound(cfg, model, bound_batch, bound_labels, steps=len(labels) // bs, lr=lr,
+                              start_stage=start_stage)
+        out.append(Round(pipe, bound))
+    return out
+
+
 def temp_cache_dir() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="pneumoscope-bench-cache-")
 
 
 __all__ = ["Pool", "train_pool", "build_image_cache", "default_parts", "feature_pass", "pipeline_epochs",
-           "compute_bound", "Measured", "temp_cache_dir", "FeatureSource", "ImageSource"]
+           "compute_bound", "interleaved_rounds", "Measured", "Round", "temp_cache_dir", "FeatureSource", "ImageSource"]

@@ -36,3 +36,26 @@ def test_operating_point_says_threshold_for_binary_and_argmax_for_three_classes(
              "class_names": ["normal", "bacterial", "viral"]}
     text = operating_point_html(three)
     assert "argmax" in text and "Decision threshold" not in text and "3 classes" in text
+
+
+def test_dataset_section_renders_the_data_check_as_html_tables(small_kermany, tmp_path):
+    """The data check's Markdown becomes headings and tables (not a <pre> dump); file names stay escaped."""
+    import shutil
+
+    from pneumoscope.data.check import run_check
+    from pneumoscope.data.scan import scan_dataset
+    from pneumoscope.data.split import patient_split
+    from pneumoscope.report.html import dataset_html
+
+    normal = small_kermany / "train" / "NORMAL"
+    first = sorted(normal.iterdir())[0]
+    shutil.copy(first, normal / "a<i>b&c.jpeg")  # a duplicate whose name looks like HTML
+    manifest = patient_split(scan_dataset(small_kermany, progress=False), seed=0)
+    run_check(manifest, tmp_path / "check", sample_per_class=2)
+    section = dataset_html(tmp_path / "check")
+    assert "<pre>" not in section and "<h1>" not in section
+    assert "<h3>Counts (split used for training)</h3>" in section
+    assert re.search(r"<table>\s*<thead>\s*<tr>\s*<th>split</th>\s*<th>class</th>", section)
+    assert "<td>train</td>" in section and "<strong>all</strong>" in section
+    assert "a&lt;i&gt;b&amp;c.jpeg" in section and "<i>" not in section
+    assert section.count("data:image/png;base64,") == 3

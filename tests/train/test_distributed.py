@@ -110,3 +110,30 @@ def test_frozen_prefix_feature_cache_under_ddp(tmp_path, data_root):
     assert list(hist["epoch"]) == [1, 2] and hist["feature_cache"].all() and (hist["trainable_stages"] == 4).all()
     assert json.loads((run / "env.json").read_text())["world_size"] == 2
     assert (run / "summary.json").exists()
+    assert "feature pass sharded over 2 ranks" in (run / "train.log").read_text()
+
+
+def _disjoint_rank(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from pneumoscope.train.distributed import DistInfo, all_reduce_disjoint
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)  # every rank draws the same "full" tensor
+    full = torch.randn(7, 3, 5).half()
+    full[2, 1, 1] = -0.0  # a non-zero bit pattern that compares equal to zero
+    mine = torch.zeros_like(full)
+    mine[rank::world] = full[rank::world]
+    all_reduce_disjoint(mine, DistInfo(rank=rank, world_size=world))
+    torch.save({"got": mine, "want": full}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_all_reduce_disjoint_fills_in_other_ranks_rows_bit_exactly(tmp_path):
+    """What the sharded feature pass relies on: after the all-reduce every rank holds every rank's rows."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_disjoint_rank, args=(3, f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "res")), nprocs=3)
+    for rank in range(3):
+        res = torch.load(tmp_path / f"res.{rank}")
+        assert torch.equal(res["got"].view(torch.int16), res["want"].view(torch.int16)), rank

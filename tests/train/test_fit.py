@@ -147,6 +147,50 @@ def test_a_prefix_kept_on_the_way_is_bit_identical_to_computing_it_again(data_ro
     assert torch.equal(extract_features(model, 5, images, preset, augment=aug, views=3, view0=kept, **kw), fresh)
 
 
+def test_a_feature_pass_sharded_over_ranks_is_the_single_process_pass(data_root):
+    """Each rank's share (every world_size-th batch), byte-summed as the all-reduce does, is the full pass.
+
+    That holds for augmented views too (each batch's augmentation is seeded by its batch number),
+    with ``keep_at`` and ``view0``, and for a rank that has no batch of its own.
+    """
+    from pneumoscope.data.imageio import decode_image
+    from pneumoscope.data.preprocess import PreprocessSpec, preprocess
+    from pneumoscope.data.presets import AugmentSpec, EvalPreset, TrainPreset
+    from pneumoscope.models import create_model
+    from pneumoscope.train.engine import extract_features
+
+    files = sorted((data_root / "train" / "PNEUMONIA").iterdir())[:10]
+    images = np.stack([preprocess(decode_image(p), PreprocessSpec(size=64)) for p in files])
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", num_classes=2, pretrained=False, in_chans=1)
+    preset = EvalPreset.from_card(model.card)
+    kw = dict(preset=preset, augment=TrainPreset(AugmentSpec()), views=3, seed=5, size=None, batch_size=4,
+              progress=False)
+
+    def sharded(world: int, **extra):
+        shares = [extract_features(model, 5, images, shard=(r, world), **kw, **extra) for r in range(world)]
+        pairs = [s if isinstance(s, tuple) else (s,) for s in shares]
+        combined = []
+        for parts in zip(*pairs):
+            skip = 1 if "view0" in extra else 0  # a given view 0 is on every rank, not summed
+            total = parts[0].clone()
+            total[skip:].view(torch.uint8).copy_(sum(p[skip:].view(torch.uint8).to(torch.int32) for p in parts)
+                                                 .to(torch.uint8))
+            combined.append(total)
+        return combined
+
+    single = extract_features(model, 5, images, **kw)
+    assert torch.equal(sharded(2)[0], single)
+    assert torch.equal(sharded(4)[0], single)  # 3 batches of 4, 4 ranks: rank 3 computes nothing
+    full, kept = extract_features(model, 5, images, keep_at=3, **kw)
+    got_full, got_kept = sharded(3, keep_at=3)
+    assert torch.equal(got_full, full) and torch.equal(got_kept, kept)
+    assert torch.equal(sharded(2, view0=single[:1])[0], single)
+    # a rank's own share is not the whole pass: rows of the other rank's batches stay zero
+    rank0 = extract_features(model, 5, images, shard=(0, 2), **kw)
+    assert torch.equal(rank0[:, :4], single[:, :4]) and not rank0[:, 4:8].any()
+
+
 def test_missing_class_in_a_split_is_a_clear_error(tmp_path, small_kermany):
     from pneumoscope.errors import DatasetError
 

@@ -36,9 +36,9 @@ class CachedImageDataset(Dataset):
         return img, int(self.labels[i])
 
 
-def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
-    """A deterministic 63-bit seed for (seed, epoch, salt) — used for sampling and augmentation."""
-    ss = np.random.SeedSequence([seed, epoch, salt])
+def epoch_seed(seed: int, epoch: int, salt: int = 0, *more: int) -> int:
+    """A deterministic 63-bit seed for (seed, epoch, salt, *more) — used for sampling and augmentation."""
+    ss = np.random.SeedSequence([seed, epoch, salt, *more])
     return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 

@@ -114,7 +114,22 @@ def dataset_html(check_dir: Path | None) -> str:
         return '<p class="note">No data check found (run <code>pneumoscope data check</code>).</p>'
     md = (check_dir / "data_check.md").read_text() if (check_dir / "data_check.md").exists() else ""
     figs = "".join(_img(check_dir / f, f) for f in ("counts.png", "sizes.png", "samples.png"))
-    return f"<pre>{html.escape(md)}</pre><div class='grid'>{figs}</div>"
+    return f"{markdown_html(md)}<div class='grid'>{figs}</div>"
+
+
+def markdown_html(md: str) -> str:
+    """The data check's Markdown as HTML inside a report section (its tables as tables).
+
+    Raw HTML in the text (a file name, say) is escaped, not passed through. The document's own
+    ``# title`` is dropped and ``##`` headings become ``<h3>``, under the section's ``<h2>``.
+    """
+    from markdown_it import MarkdownIt
+
+    lines = md.splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    lines = ["#" + ln if ln.startswith("## ") else ln for ln in lines]
+    return MarkdownIt("commonmark", {"html": False}).enable("table").render("\n".join(lines))
 
 
 def training_html(run_dir: Path) -> str:

@@ -71,6 +71,36 @@ def all_gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return torch.cat([b[: int(s.item())] for b, s in zip(buf, sizes)])
 
 
+_CPU_GROUP = None
+
+
+def _cpu_group():
+    """A gloo group for CPU tensors when the default group is NCCL (None: the default group is gloo).
+
+    Created on first use; every rank reaches that first use at the same collective call.
+    """
+    global _CPU_GROUP
+    if dist.get_backend() == "gloo":
+        return None
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo")
+    return _CPU_GROUP
+
+
+def all_reduce_disjoint(t: torch.Tensor, info: DistInfo) -> None:
+    """Fill in, in place, a CPU tensor of which each rank computed other elements (the rest zero).
+
+    Why bytes: every byte is non-zero on at most one rank, so an integer sum of the raw bytes is
+    that rank's byte, whatever the dtype (fp16 feature caches included): the result is bit-exact,
+    where a float sum would also be exact but needs a dtype the backend can add.
+    """
+    if not info.enabled:
+        return
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError("all_reduce_disjoint needs a contiguous CPU tensor")
+    dist.all_reduce(t.view(torch.uint8), group=_cpu_group())
+
+
 def all_reduce_mean(values: list[float], info: DistInfo) -> list[float]:
     """Mean of each value over ranks (e.g. the epoch's training loss)."""
     if not info.enabled:
@@ -90,5 +120,7 @@ def broadcast_object(obj, info: DistInfo):
 
 
 def cleanup(info: DistInfo) -> None:
+    global _CPU_GROUP
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+    _CPU_GROUP = None

@@ -90,11 +90,20 @@ def extract_features(model: nn.Module, stage_index: int, images: np.ndarray, pre
                      augment: TrainPreset | None, views: int, seed: int, size: int | None,
                      batch_size: int = 64, device: torch.device = torch.device("cpu"),
                      progress: bool = True, desc: str = "features", keep_at: int | None = None,
-                     view0: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     view0: torch.Tensor | None = None,
+                     shard: tuple[int, int] = (0, 1),
+                     combine: Callable[[torch.Tensor], None] | None = None,
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run the frozen prefix ``stages[:stage_index]`` once per image and view → (V, N, C, h, w) fp16.
 
-    View 0 is the un-augmented image; views 1.. are augmented with a generator seeded by
-    ``(seed, view)``, so the cache is a pure function of its inputs.
+    View 0 is the un-augmented image; views 1.. are augmented, each batch of ``batch_size`` images
+    with the generator seeded by ``(seed, view, batch number)``, so the cache is a pure function of
+    its inputs, whichever process computes which batch.
+
+    ``shard=(rank, world_size)`` computes only the batches ``rank, rank + world_size, ...`` and
+    leaves the other rows zero; ``combine`` (under DDP:
+    :func:`pneumoscope.train.distributed.all_reduce_disjoint`) then fills in, in place, the rows the
+    other ranks computed, so each rank does 1/world_size of the pass instead of all of it.
 
     Two ways to compute a frozen stage only once across phases (linear probe → fine-tune):
     ``keep_at=j`` (< ``stage_index``) also returns the view-0 output of ``stages[:j]``, taken on
@@ -108,41 +117,48 @@ def extract_features(model: nn.Module, stage_index: int, images: np.ndarray, pre
         raise ValueError("keep_at and view0 cannot be combined (view 0 is not computed when it is given)")
     if view0 is not None and view0.shape[1] != len(images):
         raise ValueError(f"view0 holds {view0.shape[1]} images, expected {len(images)}")
+    n = len(images)
+    if n == 0:
+        raise ValueError("extract_features: no images")
     was_training = model.training
     model.eval()
-    n = len(images)
-    out: torch.Tensor | None = None
-    kept: torch.Tensor | None = None
+    rank, world = shard
+    # Shapes from one image, so that a rank with no batch of its own still holds full-size tensors.
+    probe = _to_input(torch.from_numpy(np.asarray(images[:1])).unsqueeze(1), preset, size, device)
+    mid_shape = model.forward_until(probe, keep_at).shape[1:] if keep_at is not None else None
+    out_shape = model.forward_until(probe, stage_index).shape[1:]
+    alloc = torch.zeros if world > 1 else torch.empty  # zeros: the rows other ranks fill in
+    out = alloc((views, n, *out_shape), dtype=torch.float16)
+    kept = alloc((1, n, *mid_shape), dtype=torch.float16) if mid_shape is not None else None
     first = 0
     if view0 is not None:
-        out = torch.empty((views, *view0.shape[1:]), dtype=torch.float16)
         out[0] = view0[0]
         first = 1
-    bar = tqdm(total=n * (views - first), desc=desc, unit="img", disable=not progress, leave=False)
+    mine = list(iter_batches(np.arange(n), batch_size))[rank::world]
+    bar = tqdm(total=sum(map(len, mine)) * (views - first), desc=desc, unit="img", disable=not progress, leave=False)
     for v in range(first, views):
-        torch.manual_seed(epoch_seed(seed, v, 7))
-        for idx in iter_batches(np.arange(n), batch_size):
+        for idx in mine:
+            torch.manual_seed(epoch_seed(seed, v, 7, idx[0] // batch_size))
             u8 = torch.from_numpy(np.asarray(images[idx])).unsqueeze(1)
             if v > 0 and augment is not None:
                 u8 = augment.batch(u8)
             x = _to_input(u8, preset, size, device)
-            if keep_at is not None and v == 0:
-                mid = model.forward_until(x, keep_at)
-                if kept is None:
-                    kept = torch.empty((1, n, *mid.shape[1:]), dtype=torch.float16)
-                kept[0, idx[0] : idx[-1] + 1] = mid.to("cpu", torch.float16)
-                f = mid
+            rows = slice(idx[0], idx[-1] + 1)
+            if kept is not None and v == 0:
+                f = model.forward_until(x, keep_at)
+                kept[0, rows] = f.to("cpu", torch.float16)
                 for stage in model.stages[keep_at:stage_index]:
                     f = stage(f)
             else:
                 f = model.forward_until(x, stage_index)
-            if out is None:
-                out = torch.empty((views, n, *f.shape[1:]), dtype=torch.float16)
-            out[v, idx[0] : idx[-1] + 1] = f.to("cpu", torch.float16)
+            out[v, rows] = f.to("cpu", torch.float16)
             bar.update(len(idx))
     bar.close()
     model.train(was_training)
-    assert out is not None
+    if combine is not None and world > 1:
+        combine(out[first:])
+        if kept is not None:
+            combine(kept)
     return (out, kept) if keep_at is not None else out
 
 

@@ -384,6 +384,10 @@ def _fit(cfg: RunConfig, run_dir: Path, *, data_root, resume: bool, cache_root: 
                 log.info("phase %s: view 0 of stages 0..%d reused from phase %s's pass", phase.name, k - 1,
                          reuse.phase)
             common = dict(preset=preset, seed=cfg.seed, size=fsz, device=device, progress=progress, keep_at=keep)
+            if dist.enabled:  # each rank runs its share of the batches; the rest arrives by all-reduce
+                common.update(shard=(dist.rank, dist.world_size),
+                              combine=lambda t: ddp.all_reduce_disjoint(t, dist))
+                log.info("phase %s: feature pass sharded over %d ranks", phase.name, dist.world_size)
             train_feats = extract_features(
                 model, k, data.train_images, augment=augment if augment.spec.enabled else None,
                 views=phase.feature_views if augment.spec.enabled else 1, desc=f"features {phase.name}",
