@@ -110,8 +110,10 @@ def cmd_gan(args: argparse.Namespace) -> int:
     if args.gan_command == "train":
         from pneumoscope.gan.train import train_gan
 
+        from pneumoscope.config import apply_overrides
+
         keys = ("size", "epochs", "batch_size", "seed", "width", "z_dim", "lr_g", "lr_d", "val_fraction", "threads")
-        config = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+        config = apply_overrides({k: getattr(args, k) for k in keys if getattr(args, k) is not None}, args.set or [])
         root = resolve_data_root(args.data) if (args.data or not args.resume) else None
         row = train_gan(root, args.out, config=config, resume=args.resume, progress=_progress(args))
         log.info("GAN %s: epoch %s, discriminator class accuracy on val %s", args.out, row.get("epoch"),
@@ -279,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     gt.add_argument("--val-fraction", type=float, default=None)
     gt.add_argument("--seed", type=int, default=None)
     gt.add_argument("--threads", type=int, default=None)
+    gt.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="any other GAN setting (repeatable): loss=bce|hinge, mode_seeking=0.5, minibatch_std=false, "
+                         "beta1, beta2, d_fake_class_weight, limit_per_class, grid_per_class")
     gt.add_argument("--no-progress", action="store_true")
     gs = gan.add_parser("sample", help="write synthetic images of a class as PNG + samples.csv")
     gs.add_argument("gan_dir")

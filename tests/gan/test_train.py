@@ -93,6 +93,14 @@ def test_cli_train_and_sample(tmp_path, tiny_data, monkeypatch):
                  "--width", "8", "--batch-size", "8", "--no-progress"]) == 0
     assert main(["gan", "train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"]) == 0
     assert json.loads((_ckpt(out) / "state.json").read_text())["epoch"] == 2
+    # every GanConfig field is reachable from the CLI; unknown keys are refused
+    bce = tmp_path / "bce"
+    assert main(["gan", "train", "--data", str(tiny_data), "--out", str(bce), "--epochs", "1", "--size", "16",
+                 "--width", "8", "--batch-size", "8", "--set", "loss=bce", "--set", "minibatch_std=false",
+                 "--set", "mode_seeking=0", "--no-progress"]) == 0
+    saved = json.loads((bce / "config.json").read_text())["config"]
+    assert (saved["loss"], saved["minibatch_std"], saved["mode_seeking"]) == ("bce", False, 0)
+    assert main(["gan", "train", "--data", str(tiny_data), "--out", str(tmp_path / "x"), "--set", "lossy=1"]) == 2
     assert main(["gan", "sample", str(out), "--class", "bacterial", "-n", "3", "--out", str(tmp_path / "s")]) == 0
     assert len(list((tmp_path / "s" / "PNEUMONIA").glob("synthetic_bacteria_*.png"))) == 3
     assert main(["gan", "sample", str(out), "--class", "covid", "-n", "3", "--out", str(tmp_path / "s")]) == 2

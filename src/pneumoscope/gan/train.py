@@ -92,7 +92,8 @@ def _validated(cfg: GanConfig | dict) -> GanConfig:
     except ValidationError as err:
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"gan config: {loc}: {first['msg']}") from None
+        msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        raise ConfigError(f"gan config: {loc}: {msg}") from None
 
 
 # --------------------------------------------------------------------------- data
