@@ -8,6 +8,7 @@ pipeline can beat.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
@@ -66,9 +67,9 @@ def build_image_cache(pool: Pool, size: int, root: Path, workers: int = 2) -> tu
     return np.asarray(cache.get(pool.hashes)), seconds
 
 
-def default_parts(config: str = "default"):
+def default_parts(config: str = "default", overrides: list[str] | None = None):
     """The ``default`` config's model (pretrained, frozen as in its phase), presets, loss and phase."""
-    cfg = load_config(config)
+    cfg = load_config(config, overrides)
     phase = cfg.train.phases[0]
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model.name, num_classes=2, pretrained=cfg.model.pretrained, in_chans=cfg.model.in_chans,
@@ -98,54 +99,65 @@ class Measured:
         return self.images / self.seconds if self.seconds > 0 else math.nan
 
 
-def feature_pass(model, k: int, images: np.ndarray, preset: EvalPreset, augment: TrainPreset, views: int,
-                 seed: int = 0) -> tuple[torch.Tensor, Measured]:
+def feature_pass(model, k: int, images: np.ndarray | torch.Tensor, preset: EvalPreset, augment: TrainPreset,
+                 views: int, seed: int = 0, device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, Measured]:
     """``extract_features`` exactly as ``fit`` calls it (``views`` views, view 0 clean), timed."""
     t0 = time.perf_counter()
     feats = extract_features(model, k, images, preset, augment=augment, views=views, seed=seed, size=None,
-                             progress=False)
+                             progress=False, device=device)
     return feats, Measured(len(images) * views, time.perf_counter() - t0)
 
 
 def pipeline_epochs(cfg, model, source, labels: np.ndarray, preset: EvalPreset, augment: TrainPreset | None,
-                    epochs: int, lr: float) -> list[Measured]:
+                    epochs: int, lr: float, device: torch.device = torch.device("cpu"),
+                    amp_dtype: torch.dtype | None = None) -> list[Measured]:
     """``train_one_epoch`` as ``fit`` runs it (same loss, optimiser, schedule, batch, view sampling)."""
     bs = cfg.train.batch_size
     crit = build_loss(cfg.train.loss.name, class_weights=class_weights_from_counts(np.bincount(labels, minlength=2)),
-                      label_smoothing=cfg.train.loss.label_smoothing)
+                      label_smoothing=cfg.train.loss.label_smoothing).to(device)
     opt, sched = _optim(cfg, model, lr, math.ceil(len(labels) / bs), epochs)
     out = []
     for e in range(epochs):
         order = np.random.default_rng(e).permutation(len(labels))
         r = train_one_epoch(model, source, order=order, criterion=crit, optimizer=opt, scheduler=sched, preset=preset,
                             augment=augment, batch_size=bs, view_rng=np.random.default_rng(100 + e),
-                            channels_last=True, progress=False)
+                            channels_last=True, progress=False, device=device, amp_dtype=amp_dtype)
         out.append(Measured(len(order), r["seconds"]))
     return out
 
 
 def compute_bound(cfg, model, batch: torch.Tensor, labels: torch.Tensor, steps: int, lr: float,
-                  start_stage: int | None = None) -> Measured:
+                  start_stage: int | None = None, amp_dtype: torch.dtype | None = None) -> Measured:
     """Forward + backward + optimiser step on one in-memory batch, ``steps`` times (after 3 warm-up steps).
 
     ``start_stage`` = k runs ``model.forward_from(k, batch)`` (the trainable tail on cached features).
+    The batch's device is the device; ``amp_dtype`` autocasts the forward as ``train_one_epoch`` does.
     """
-    crit = build_loss(cfg.train.loss.name, class_weights=class_weights_from_counts(np.bincount(labels.numpy(),
-                                                                                               minlength=2)))
+    dev = batch.device
+    crit = build_loss(cfg.train.loss.name, class_weights=class_weights_from_counts(np.bincount(labels.cpu().numpy(),
+                                                                                               minlength=2))).to(dev)
+    labels = labels.to(dev)
     opt, _ = _optim(cfg, model, lr, steps, 1)
     model.train()
 
     def step() -> None:
-        logits = model.forward_from(start_stage, batch) if start_stage else model(batch)
+        with torch.autocast(dev.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            logits = model.forward_from(start_stage, batch) if start_stage else model(batch)
         crit(logits.float(), labels).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     for _ in range(3):
         step()
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
+    sync()
     return Measured(steps * len(labels), time.perf_counter() - t0)
 
 
@@ -162,24 +174,30 @@ class Round:
 
 
 def interleaved_rounds(cfg, model, source, labels: np.ndarray, preset: EvalPreset, augment: TrainPreset | None,
-                       bound_batch: torch.Tensor, lr: float, rounds: int,
-                       start_stage: int | None = None) -> list[Round]:
+                       bound_batch: torch.Tensor, lr: float, rounds: int, start_stage: int | None = None,
+                       amp_dtype: torch.dtype | None = None, epochs_per_round: int = 1,
+                       pipeline_window=contextlib.nullcontext) -> list[Round]:
     """``rounds`` × (one pipeline epoch, then the bound over the same number of steps), after one warm-up epoch.
 
     Why interleaved: on a shared 2-core VM the machine's speed drifts by ±15 % over minutes, so a
     pipeline rate timed in one minute and a bound timed in another give a ratio that is mostly
     drift (a single pair measured 0.80 for a step whose input work is 0.4 ms of ~55 ms per image).
     Each round's ratio compares two measurements taken back to back; the benchmark reports their
-    median and range.
+    median and range. ``epochs_per_round`` lengthens a round where an epoch is short (a GPU);
+    ``pipeline_window()`` is entered around each round's pipeline epochs (e.g. to sample GPU
+    utilisation there and not during the bound).
     """
     bs = cfg.train.batch_size
     bound_labels = torch.as_tensor(labels[:bs])
-    pipeline_epochs(cfg, model, source, labels, preset, augment, 1, lr)  # warm-up, not counted
+    dev = bound_batch.device
+    pipeline_epochs(cfg, model, source, labels, preset, augment, 1, lr, dev, amp_dtype)  # warm-up, not counted
     out = []
     for _ in range(rounds):
-        pipe = pipeline_epochs(cfg, model, source, labels, preset, augment, 1, lr)[-1]
-        bound = compute_bound(cfg, model, bound_batch, bound_labels, steps=len(labels) // bs, lr=lr,
-                              start_stage=start_stage)
+        with pipeline_window():
+            epochs = pipeline_epochs(cfg, model, source, labels, preset, augment, epochs_per_round, lr, dev, amp_dtype)
+        pipe = Measured(sum(m.images for m in epochs), sum(m.seconds for m in epochs))
+        bound = compute_bound(cfg, model, bound_batch, bound_labels, steps=epochs_per_round * (len(labels) // bs),
+                              lr=lr, start_stage=start_stage, amp_dtype=amp_dtype)
         out.append(Round(pipe, bound))
     return out
 

@@ -191,6 +191,39 @@ def test_a_feature_pass_sharded_over_ranks_is_the_single_process_pass(data_root)
     assert torch.equal(rank0[:, :4], single[:, :4]) and not rank0[:, 4:8].any()
 
 
+def test_an_image_cache_held_as_a_tensor_trains_exactly_like_the_host_array(data_root):
+    """The device-resident cache path (what ``on_device`` gives on a GPU), exercised here with a CPU
+    tensor: same batches, same augmentation, same weights and the same feature pass."""
+    from pneumoscope.data.imageio import decode_image
+    from pneumoscope.data.preprocess import PreprocessSpec, preprocess
+    from pneumoscope.data.presets import AugmentSpec, EvalPreset, TrainPreset
+    from pneumoscope.models import create_model
+    from pneumoscope.train.engine import ImageSource, extract_features, on_device, train_one_epoch
+    from pneumoscope.train.losses import build_loss
+
+    files = sorted((data_root / "train" / "NORMAL").iterdir())[:6] + sorted((data_root / "train" / "PNEUMONIA").iterdir())[:6]
+    images = np.stack([preprocess(decode_image(p), PreprocessSpec(size=64)) for p in files])
+    labels = np.array([0] * 6 + [1] * 6)
+    assert on_device(images, torch.device("cpu")) is images  # on CPU the host array is used as it is
+    aug = TrainPreset(AugmentSpec())
+    weights = []
+    for imgs in (images, torch.from_numpy(images)):
+        torch.manual_seed(0)
+        model = create_model("cnn3", num_classes=2, pretrained=False, in_chans=1)
+        preset = EvalPreset.from_card(model.card)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        torch.manual_seed(1)
+        train_one_epoch(model, ImageSource(imgs, labels), order=np.random.default_rng(0).permutation(12),
+                        criterion=build_loss("ce"), optimizer=opt, scheduler=None, preset=preset, augment=aug,
+                        batch_size=4, progress=False)
+        weights.append(model.state_dict())
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
+    kw = dict(preset=EvalPreset.from_card(model.card), augment=aug, views=2, seed=0, size=None, batch_size=5,
+              progress=False)
+    assert torch.equal(extract_features(model, 2, images, **kw), extract_features(model, 2, torch.from_numpy(images), **kw))
+
+
 def test_missing_class_in_a_split_is_a_clear_error(tmp_path, small_kermany):
     from pneumoscope.errors import DatasetError
 

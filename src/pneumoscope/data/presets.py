@@ -16,6 +16,7 @@ import math
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,33 @@ def _augment_one(img: np.ndarray, mat: np.ndarray | None, bright: float | None,
     return cv2.LUT(img, np.rint(lut).astype(np.uint8))
 
 
+def _augment_torch(x: torch.Tensor, theta: torch.Tensor | None, bright: torch.Tensor | None,
+                   contrast: torch.Tensor | None, sharp: torch.Tensor | None) -> torch.Tensor:
+    """:func:`_augment_one` for a whole uint8 (N, 1, H, W) batch with torch ops, on the batch's device.
+
+    Why: on a GPU the cv2 path would keep the images on the host and cost a core per ~2,500
+    images/s, less than the network consumes; here a batch never leaves the device. The same
+    parameters give the same images up to interpolation rounding (cv2's warp uses 1/32-pixel fixed
+    point, ``grid_sample`` floats; ``tests/data/test_preprocess.py`` bounds the difference).
+    """
+    dev = x.device
+    y = x.float()
+    if theta is not None:  # theta: normalised output coords -> input coords, as in affine_grid
+        grid = F.affine_grid(theta.to(dev, torch.float32), list(y.shape), align_corners=False)
+        y = F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False).round_()
+    if sharp is not None:
+        k = torch.as_tensor(_SMOOTH, device=dev).view(1, 1, 3, 3)
+        smooth = F.conv2d(F.pad(y, (1, 1, 1, 1), mode="replicate"), k)
+        f = sharp.to(dev, torch.float32).view(-1, 1, 1, 1)
+        y = (smooth + f * (y - smooth)).round_().clamp_(0, 255)
+    if bright is not None:
+        y = (y * bright.to(dev, torch.float32).view(-1, 1, 1, 1)).clamp_(0, 255)
+    if contrast is not None:
+        mean = y.mean(dim=(1, 2, 3), keepdim=True)
+        y = (mean + contrast.to(dev, torch.float32).view(-1, 1, 1, 1) * (y - mean)).clamp_(0, 255)
+    return y.round_().to(torch.uint8)
+
+
 class TrainPreset:
     """Random augmentation of uint8 images: (1, H, W) → (1, H, W), or a batch (N, [1,] H, W).
 
@@ -112,13 +140,19 @@ class TrainPreset:
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         return self.batch(img.unsqueeze(0))[0]
 
-    def batch(self, imgs: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    def batch(self, imgs: torch.Tensor, generators: list[torch.Generator] | None = None,
+              backend: str = "auto") -> torch.Tensor:
         """Augment each image of a (N, H, W) or (N, 1, H, W) uint8 batch independently.
 
         ``generators`` (one per image) make each image's parameters a function of its own
         generator only — what test-time augmentation needs so that a prediction does not depend on
         the batch an image arrives in. Without them the default generator is used.
+
+        ``backend``: ``cv2`` (per image on the host), ``torch`` (batched, on the batch's device),
+        or ``auto``: cv2 for a CPU batch, torch for a GPU one. Both draw the same parameters.
         """
+        if backend not in ("auto", "cv2", "torch"):
+            raise ValueError(f"augmentation backend must be auto, cv2 or torch, got {backend!r}")
         if not self.spec.enabled or imgs.shape[0] == 0:
             return imgs
         squeeze = imgs.ndim == 3
@@ -135,7 +169,7 @@ class TrainPreset:
 
         geometric = s.hflip > 0 or s.rotate > 0 or s.translate > 0 or (s.scale_min, s.scale_max) != (1.0, 1.0)
         h, w = x.shape[-2:]
-        mats = None
+        mats = theta = None
         if geometric:
             angle = uniform(-s.rotate, s.rotate) * (math.pi / 180.0)
             scale = uniform(s.scale_min, s.scale_max)
@@ -152,10 +186,15 @@ class TrainPreset:
             lin = a * d[None, None, :] / d[None, :, None]  # D^-1 A D
             off = ((a @ e) + b - e) / d  # D^-1 (A e + b - e)
             mats = torch.cat([lin, off[:, :, None]], 2).numpy()
-        bright = uniform(1 - s.brightness, 1 + s.brightness).numpy() if s.brightness > 0 else None
-        contrast = uniform(1 - s.contrast, 1 + s.contrast).numpy() if s.contrast > 0 else None
-        sharp = uniform(max(0.0, 1 - s.sharpness), 1 + s.sharpness).numpy() if s.sharpness > 0 else None
-        src = (imgs.unsqueeze(1) if squeeze else imgs).numpy()
+            theta = torch.cat([a, b[:, :, None]], 2)
+        bright = uniform(1 - s.brightness, 1 + s.brightness) if s.brightness > 0 else None
+        contrast = uniform(1 - s.contrast, 1 + s.contrast) if s.contrast > 0 else None
+        sharp = uniform(max(0.0, 1 - s.sharpness), 1 + s.sharpness) if s.sharpness > 0 else None
+        if backend == "torch" or (backend == "auto" and x.device.type != "cpu"):
+            res = _augment_torch(x, theta, bright, contrast, sharp)
+            return res.squeeze(1) if squeeze else res
+        bright, contrast, sharp = (None if t is None else t.numpy() for t in (bright, contrast, sharp))
+        src = x.numpy()
         out = np.empty_like(src)
 
         def work(i: int) -> None:
@@ -213,6 +252,7 @@ class EvalPreset:
                 out += b
                 return torch.from_numpy(out)
             return x.to(torch.float32).mul_(float(s)).add_(float(b))
+        scale, shift = scale.to(x.device), shift.to(x.device)  # a batch already on the GPU stays there
         if self.channels_last:
             y = torch.addcmul(shift, x.permute(0, 2, 3, 1).to(torch.float32), scale)  # (N, H, W, C)
             return y.permute(0, 3, 1, 2)

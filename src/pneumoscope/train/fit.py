@@ -43,7 +43,7 @@ from pneumoscope.train import distributed as ddp
 from pneumoscope.train.checkpoint import (load_model_state, load_training_state, resolve_checkpoint,
                                           save_checkpoint)
 from pneumoscope.train.engine import (FeatureSource, ImageSource, _FromStage, evaluate, extract_features,
-                                      predict_logits, train_one_epoch)
+                                      on_device, predict_logits, train_one_epoch)
 from pneumoscope.train.dummy import RealClasses, drop_dummy_output
 from pneumoscope.train.losses import build_loss, class_weights_from_counts, num_outputs
 from pneumoscope.train.schedules import build_optimizer, build_scheduler
@@ -327,6 +327,7 @@ def _fit(cfg: RunConfig, run_dir: Path, *, data_root, resume: bool, cache_root: 
         model.to(memory_format=torch.channels_last)
     preset = EvalPreset.from_card(model.card, channels_last=channels_last)
     augment = TrainPreset(AugmentSpec(**cfg.augment.model_dump()))
+    train_images, val_images = on_device(data.train_images, device), on_device(data.val_images, device)
 
     lw = cfg.train.loss
     if lw.class_weights == "auto":
@@ -389,24 +390,24 @@ def _fit(cfg: RunConfig, run_dir: Path, *, data_root, resume: bool, cache_root: 
                               combine=lambda t: ddp.all_reduce_disjoint(t, dist))
                 log.info("phase %s: feature pass sharded over %d ranks", phase.name, dist.world_size)
             train_feats = extract_features(
-                model, k, data.train_images, augment=augment if augment.spec.enabled else None,
+                model, k, train_images, augment=augment if augment.spec.enabled else None,
                 views=phase.feature_views if augment.spec.enabled else 1, desc=f"features {phase.name}",
                 view0=reuse.train if reuse else None, **common)
-            val_feats = extract_features(model, k, data.val_images, augment=None, views=1, desc="features val",
+            val_feats = extract_features(model, k, val_images, augment=None, views=1, desc="features val",
                                          view0=reuse.val if reuse else None, **common)
             release_memory()  # the pass's activations, before the epochs' differently shaped ones
             stash = None
             if keep is not None:  # (features, kept view 0 of stages[:keep])
                 (train_feats, kept_train), (val_feats, kept_val) = train_feats, val_feats
                 stash = _Stash(phase=phase.name, stage_index=keep, size=size, train=kept_train, val=kept_val)
-            train_src = FeatureSource(train_feats, data.y_train, k)
-            val_src = FeatureSource(val_feats, data.y_val, k)
+            train_src = FeatureSource(on_device(train_feats, device, "feature cache"), data.y_train, k)
+            val_src = FeatureSource(on_device(val_feats, device, "feature cache"), data.y_val, k)
             log.info("phase %s: feature cache %s in %.1f s", phase.name, tuple(train_src.views.shape),
                      time.perf_counter() - t0)
             loop_augment, loop_size = None, None
         else:
-            train_src = ImageSource(data.train_images, data.y_train)
-            val_src = ImageSource(data.val_images, data.y_val)
+            train_src = ImageSource(train_images, data.y_train)
+            val_src = ImageSource(val_images, data.y_val)
             loop_augment = augment if augment.spec.enabled else None
             loop_size = None if size == cfg.preprocess.size else size
 
