@@ -224,6 +224,49 @@ def test_an_image_cache_held_as_a_tensor_trains_exactly_like_the_host_array(data
     assert torch.equal(extract_features(model, 2, images, **kw), extract_features(model, 2, torch.from_numpy(images), **kw))
 
 
+def test_fp16_autocast_steps_through_a_grad_scaler(data_root):
+    """With fp16 the loss is scaled and overflowing steps are skipped (GradScaler in the loop)."""
+    from pneumoscope.data.imageio import decode_image
+    from pneumoscope.data.preprocess import PreprocessSpec, preprocess
+    from pneumoscope.data.presets import EvalPreset
+    from pneumoscope.models import create_model
+    from pneumoscope.train.engine import ImageSource, train_one_epoch
+    from pneumoscope.train.losses import build_loss
+
+    files = sorted((data_root / "train" / "NORMAL").iterdir())[:4] + sorted((data_root / "train" / "PNEUMONIA").iterdir())[:4]
+    src = ImageSource(np.stack([preprocess(decode_image(p), PreprocessSpec(size=48)) for p in files]),
+                      np.array([0] * 4 + [1] * 4))
+
+    def epoch(init_scale: float):
+        torch.manual_seed(0)
+        model = create_model("cnn3", num_classes=2, pretrained=False, in_chans=1)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        r = train_one_epoch(model, src, order=np.arange(8), criterion=build_loss("ce"),
+                            optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scheduler=None,
+                            preset=EvalPreset.from_card(model.card), augment=None, batch_size=4, progress=False,
+                            amp_dtype=torch.float16, scaler=scaler)
+        changed = any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+        return r, changed, scaler.get_scale()
+
+    r, changed, scale = epoch(2.0**16)
+    assert changed and np.isfinite(r["loss"])
+    r, changed, scale = epoch(3e38)  # every scaled gradient overflows fp32: both steps skipped, scale backed off
+    assert not changed and scale < 3e38
+
+
+def test_fit_with_fp16_autocast_trains(tmp_path, data_root):
+    """``train.amp=fp16`` through fit (with its GradScaler): the run finishes with finite, learning metrics."""
+    from pneumoscope.config import load_config
+    from pneumoscope.train.fit import fit
+
+    cfg = load_config("smoke", ["data.limit_per_class=24", "preprocess.size=48", "train.batch_size=8",
+                                "train.amp=fp16"])
+    fit(cfg, tmp_path / "run", data_root=data_root, cache_root=tmp_path / "cache", progress=False)
+    hist = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert np.isfinite(hist["train_loss"]).all() and np.isfinite(hist["val_auroc"]).all()
+
+
 def test_missing_class_in_a_split_is_a_clear_error(tmp_path, small_kermany):
     from pneumoscope.errors import DatasetError
 

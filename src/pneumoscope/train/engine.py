@@ -230,8 +230,13 @@ def train_one_epoch(model: nn.Module, source, *, order: np.ndarray, criterion: n
                     size: int | None = None, view_rng: np.random.Generator | None = None,
                     device: torch.device = torch.device("cpu"), channels_last: bool = False,
                     amp_dtype: torch.dtype | None = None, progress: bool = True,
-                    desc: str = "train") -> dict:
-    """One pass over ``order`` (indices into ``source``); returns loss, accuracy and images/s."""
+                    desc: str = "train", scaler: torch.amp.GradScaler | None = None) -> dict:
+    """One pass over ``order`` (indices into ``source``); returns loss, accuracy and images/s.
+
+    ``scaler`` (needed with fp16 autocast: fp16 gradients underflow without loss scaling; bf16 has
+    fp32's range and needs none) scales the loss, unscales before the step and skips steps whose
+    gradients overflowed, as ``torch.amp.GradScaler`` does.
+    """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     n_views = source.views.shape[0] if isinstance(source, FeatureSource) else 1
@@ -246,9 +251,14 @@ def train_one_epoch(model: nn.Module, source, *, order: np.ndarray, criterion: n
             logits = _forward(model, source, idx, view_idx=views, preset=preset, augment=augment, size=size,
                               device=device, channels_last=channels_last)
         loss = criterion(logits.float(), y)
-        (loss / grad_accum).backward()
+        scaled = loss / grad_accum
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if (i + 1) % grad_accum == 0 or i + 1 == len(batches):
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             fault_point("train_step")  # tests: a kill in the middle of an epoch
             optimizer.zero_grad(set_to_none=True)
             if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

@@ -420,6 +420,8 @@ def _fit(cfg: RunConfig, run_dir: Path, *, data_root, resume: bool, cache_root: 
             trainable = torch.compile(trainable)
         optimizer = build_optimizer(model.parameters(), cfg.train.optimizer, phase.lr, cfg.train.weight_decay,
                                     cfg.train.momentum)
+        # fp16 autocast needs loss scaling (bf16 does not); the scale re-learns itself after a resume
+        scaler = torch.amp.GradScaler(device.type) if amp is torch.float16 else None
         sampler = EpochSampler(data.y_train, seed=cfg.seed, balanced=cfg.train.balanced_sampler,
                                rank=dist.rank, world_size=dist.world_size)
         steps_per_epoch = math.ceil(len(sampler) / bs / cfg.train.grad_accum)
@@ -445,7 +447,8 @@ def _fit(cfg: RunConfig, run_dir: Path, *, data_root, resume: bool, cache_root: 
                                  criterion=criterion, optimizer=optimizer, scheduler=scheduler, preset=preset,
                                  augment=loop_augment, batch_size=bs, grad_accum=cfg.train.grad_accum,
                                  size=loop_size, view_rng=view_rng, device=device, channels_last=channels_last,
-                                 amp_dtype=amp, progress=progress, desc=f"{phase.name} {epoch + 1}/{phase.epochs}")
+                                 amp_dtype=amp, progress=progress, desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
+                                 scaler=scaler)
             if dist.enabled:  # every rank trains on as many samples: the mean of the rank means is the epoch mean
                 tr["loss"], tr["accuracy"] = ddp.all_reduce_mean([tr["loss"], tr["accuracy"]], dist)
                 tr["images_per_s"] *= dist.world_size
