@@ -4,6 +4,7 @@
 #   PYTHONPATH=src python benchmarks/bench_main_job.py --data ../shared/data/chest_xray --out out/bench_main_tuned
 #   pneumoscope run --config experiments/candidates/ordered/default.yaml --out out/r2_default   (round 2, not adopted)
 #   pneumoscope train --config seed-efficientnet --set model.name=efficientnet_lite0 --out out/seeds/seed-efficientnet
+#   pneumoscope train --config seed-cnn5-focal --out out/seeds/seed-cnn5-focal      (~80 min here)
 # Rows of earlier sessions whose run directories are gone come from the committed accuracy.json of
 # commit dadff83 (their figures are TTA-8 means, from before single-pass evaluation).
 set -e
@@ -14,8 +15,9 @@ python benchmarks/bench_accuracy.py --data ../shared/data/chest_xray \
   --single "bundled model (same recipe, 3-channel input)=src/pneumoscope/weights/default" \
            "default recipe on the ordered validation split (round 2, not adopted)=out/r2_default/runs/default-ordered" \
   --seed-preset "seed-efficientnet (EfficientNet-Lite0 ImageNet weights in place of B0)=out/seeds/seed-efficientnet" \
+                "seed-cnn5-focal (from scratch, as in the notebook)=out/seeds/seed-cnn5-focal" \
   --best-single "default, main-job run of 2026-12-01" \
   --previous /tmp/accuracy_previous.json \
   --previous-label "seed-cnn3" --previous-label "seed-resnet18 (random init: no offline ResNet weights)" \
   --previous-label "v2 variant (5 views, LS 0.1, wd 0.05)" --previous-label "mean of the 4 default-family runs" \
-  --note "Best single = the main-job \`default\` run: \`default\` is the recipe the pre-registered rules of docs/recipe_selection.md kept; no ensemble was built this session (the one fixed in advance could not be: members must share preprocessing), so the ensemble row is the earlier session's. Seed presets not run (CPU time on 2 cores): seed-cnn5-focal (1.4 GMACs per 150-px image, trained from scratch for 15 epochs: estimated at 2–4 h here) and seed-resnet50 (4.1 GMACs per image, no offline ResNet weights: estimated at several hours); commands: \`pneumoscope train --config seed-cnn5-focal\`, \`--config seed-resnet50 --set model.pretrained=false\`."
+  --note "Best single = the main-job \`default\` run: \`default\` is the recipe the pre-registered rules of docs/recipe_selection.md kept; no ensemble was built this session (the one fixed in advance could not be: members must share preprocessing), so the ensemble row is the earlier session's. Seed preset not run (CPU time on 2 cores): seed-resnet50 (no offline ResNet weights; a full ResNet-50 training step runs at 4.5 img/s here, its preset trains layer3 + layer4 on cached layer2 features, about 8 img/s by their share of the MACs, so 10 epochs take about 1.5 h plus the feature pass); command: \`pneumoscope train --config seed-resnet50 --set model.pretrained=false\`."
