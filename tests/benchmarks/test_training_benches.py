@@ -53,7 +53,7 @@ def test_bench_efficiency_end_to_end(tmp_path: Path, data_root: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1"}
     argv = [str(BENCH / "bench_efficiency.py"), "--data", str(data_root), "--images", "64", "--full-images", "32",
-            "--epochs", "1", "--results-dir", str(results), "--out-name", "smoke"]
+            "--rounds", "1", "--results-dir", str(results), "--out-name", "smoke"]
     proc = subprocess.run([sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((results / "smoke.json").read_text())["results"]
@@ -61,8 +61,30 @@ def test_bench_efficiency_end_to_end(tmp_path: Path, data_root: Path) -> None:
     for path in ("tail", "full"):
         assert res[path]["pipeline_img_s"] > 0 and res[path]["bound_img_s"] > 0
         assert res[path]["efficiency"] == pytest.approx(res[path]["pipeline_img_s"] / res[path]["bound_img_s"])
+        assert len(res[path]["rounds"]) == 1
     assert res["feature_views"] == 3
     assert "compute-only bound" in (results / "smoke.md").read_text()
+
+
+def test_bench_gpu_dry_run_on_cpu(tmp_path: Path, data_root: Path) -> None:
+    """bench_gpu.py's code path (device-resident caches, torch augmentation, rounds) runs with --device cpu."""
+    results = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+    argv = [str(BENCH / "bench_gpu.py"), "--data", str(data_root), "--device", "cpu", "--images", "32", "--batch", "8",
+            "--rounds", "1", "--epochs-per-round", "1", "--amp", "off", "--results-dir", str(results),
+            "--out-name", "gpu_smoke"]
+    proc = subprocess.run([sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((results / "gpu_smoke.json").read_text())
+    res = doc["results"]["results"]
+    assert set(res) == {"full_eager", "tail"} and doc["results"]["images"] == 32
+    for r in res.values():
+        assert r["pipeline_img_s"] > 0 and r["bound_img_s"] > 0 and r["gpu_utilisation_pct"] is None
+    if not __import__("torch").cuda.is_available():  # without a GPU the default device is refused in one line
+        proc = subprocess.run([sys.executable, str(BENCH / "bench_gpu.py"), "--data", str(data_root)], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "no CUDA device" in proc.stderr
 
 
 def test_texture_swap_moves_each_class_to_the_other_classes_texture(data_root) -> None:
