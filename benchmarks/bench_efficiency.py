@@ -20,7 +20,6 @@ Run it on a quiet machine (rates).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -29,16 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_common_args, fmt, machine_info, md_table, publish  # noqa: E402
 from training_parts import (FeatureSource, ImageSource, build_image_cache, default_parts, feature_pass,  # noqa: E402
-                            interleaved_rounds, temp_cache_dir, train_pool)
-
-
-def _summary(rounds) -> dict:
-    eff = [r.efficiency for r in rounds]
-    return {"pipeline_img_s": statistics.median(r.pipeline.rate for r in rounds),
-            "bound_img_s": statistics.median(r.bound.rate for r in rounds),
-            "efficiency": statistics.median(eff), "efficiency_min": min(eff), "efficiency_max": max(eff),
-            "rounds": [{"pipeline_img_s": r.pipeline.rate, "bound_img_s": r.bound.rate, "efficiency": r.efficiency}
-                       for r in rounds]}
+                            interleaved_rounds, summarize_rounds, temp_cache_dir, train_pool)
 
 
 def main() -> int:
@@ -63,7 +53,7 @@ def main() -> int:
     bs = cfg.train.batch_size
     feats, feat_m = feature_pass(model, k, images[:n], preset, augment, phase.feature_views)
     fb = feats[0, :bs].float().contiguous(memory_format=torch.channels_last)
-    tail = _summary(interleaved_rounds(cfg, model, FeatureSource(feats, pool.labels[:n], k), pool.labels[:n], preset,
+    tail = summarize_rounds(interleaved_rounds(cfg, model, FeatureSource(feats, pool.labels[:n], k), pool.labels[:n], preset,
                                        None, fb, phase.lr, args.rounds, start_stage=k))
     del feats
 
@@ -72,7 +62,7 @@ def main() -> int:
     model.freeze("none")
     m = args.full_images
     xb = preset(torch.from_numpy(images[:bs]).unsqueeze(1))
-    full = _summary(interleaved_rounds(cfg, model, ImageSource(images[:m], pool.labels[:m]), pool.labels[:m], preset,
+    full = summarize_rounds(interleaved_rounds(cfg, model, ImageSource(images[:m], pool.labels[:m]), pool.labels[:m], preset,
                                        augment, xb, phase.lr, args.rounds))
 
     epochs = 10

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_common_args, fmt, machine_info, md_table, publish  # noqa: E402
 from training_parts import (FeatureSource, ImageSource, build_image_cache, default_parts, feature_pass,  # noqa: E402
-                            interleaved_rounds, temp_cache_dir, train_pool)
+                            interleaved_rounds, summarize_rounds, temp_cache_dir, train_pool)
 
 from pneumoscope.train.engine import on_device  # noqa: E402
 
@@ -90,13 +90,8 @@ class GpuSampler:
 
 
 def _summary(rounds, sampler: GpuSampler) -> dict:
-    eff = [r.efficiency for r in rounds]
-    return {"pipeline_img_s": statistics.median(r.pipeline.rate for r in rounds),
-            "bound_img_s": statistics.median(r.bound.rate for r in rounds),
-            "efficiency": statistics.median(eff), "efficiency_min": min(eff), "efficiency_max": max(eff),
-            "gpu_utilisation_pct": sampler.utilisation(), "gpu_memory_peak_mib": sampler.peak_memory_mib(),
-            "rounds": [{"pipeline_img_s": r.pipeline.rate, "bound_img_s": r.bound.rate, "efficiency": r.efficiency}
-                       for r in rounds]}
+    return {**summarize_rounds(rounds), "gpu_utilisation_pct": sampler.utilisation(),
+            "gpu_memory_peak_mib": sampler.peak_memory_mib()}
 
 
 def _device_line(device: torch.device) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -202,9 +203,19 @@ def interleaved_rounds(cfg, model, source, labels: np.ndarray, preset: EvalPrese
     return out
 
 
+def summarize_rounds(rounds: list[Round]) -> dict:
+    """Median pipeline rate, bound and efficiency of interleaved rounds, with the efficiency's range."""
+    eff = [r.efficiency for r in rounds]
+    return {"pipeline_img_s": statistics.median(r.pipeline.rate for r in rounds),
+            "bound_img_s": statistics.median(r.bound.rate for r in rounds),
+            "efficiency": statistics.median(eff), "efficiency_min": min(eff), "efficiency_max": max(eff),
+            "rounds": [{"pipeline_img_s": r.pipeline.rate, "bound_img_s": r.bound.rate, "efficiency": r.efficiency}
+                       for r in rounds]}
+
+
 def temp_cache_dir() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="pneumoscope-bench-cache-")
 
 
 __all__ = ["Pool", "train_pool", "build_image_cache", "default_parts", "feature_pass", "pipeline_epochs",
-           "compute_bound", "interleaved_rounds", "Measured", "Round", "temp_cache_dir", "FeatureSource", "ImageSource"]
+           "compute_bound", "interleaved_rounds", "summarize_rounds", "Measured", "Round", "temp_cache_dir", "FeatureSource", "ImageSource"]

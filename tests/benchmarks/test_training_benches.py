@@ -81,7 +81,9 @@ def test_bench_gpu_dry_run_on_cpu(tmp_path: Path, data_root: Path) -> None:
     assert set(res) == {"full_eager", "tail"} and doc["results"]["images"] == 32
     for r in res.values():
         assert r["pipeline_img_s"] > 0 and r["bound_img_s"] > 0 and r["gpu_utilisation_pct"] is None
-    if not __import__("torch").cuda.is_available():  # without a GPU the default device is refused in one line
+    import torch
+
+    if not torch.cuda.is_available():  # without a GPU the default device is refused in one line
         proc = subprocess.run([sys.executable, str(BENCH / "bench_gpu.py"), "--data", str(data_root)], cwd=tmp_path,
                               env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and "no CUDA device" in proc.stderr

@@ -135,5 +135,5 @@ def test_all_reduce_disjoint_fills_in_other_ranks_rows_bit_exactly(tmp_path):
 
     mp.spawn(_disjoint_rank, args=(3, f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "res")), nprocs=3)
     for rank in range(3):
-        res = torch.load(tmp_path / f"res.{rank}")
+        res = torch.load(tmp_path / f"res.{rank}", weights_only=True)
         assert torch.equal(res["got"].view(torch.int16), res["want"].view(torch.int16)), rank
