@@ -12,7 +12,10 @@ which it calls when one is missing) and then:
   unchanged to test.
 
 Candidates are given as ``LABEL=DIR`` (``--single``, ``--ensemble``, ``--seed-preset``); seed
-presets are reported in their own rows and also compete for "best single".
+presets are reported in their own rows and also compete for "best single". ``LABEL=@previous``
+takes that candidate's figures, unchanged, from the ``--previous`` accuracy.json (a row whose run
+directory is gone keeps its role in the table instead of being dropped); the note under the table
+should then say which table they came from.
 
     PYTHONPATH=src python benchmarks/bench_accuracy.py --data ../shared/data/chest_xray \\
         --single "default (1-ch)=out/bench_main/runs/default" ... --ensemble "...=out/ens" ...
@@ -84,6 +87,29 @@ def sens_point(model_dir: Path) -> dict:
             "test": {k: m[k] for k in ("sensitivity", "specificity", "accuracy", "tp", "fp", "tn", "fn")}}
 
 
+PREVIOUS = "@previous"  # LABEL=@previous: the candidate's row of the --previous accuracy.json
+
+
+def previous_candidates(path: str | None) -> dict:
+    """The ``candidates`` of an earlier accuracy.json (empty without one)."""
+    if path is None:
+        return {}
+    old = json.loads(Path(path).read_text())
+    return old.get("results", old)["candidates"]
+
+
+def carried(old: dict, label: str, path: str | None) -> dict:
+    """One candidate of an earlier table, in the shape this script computes for a live run."""
+    if path is None:
+        raise SystemExit(f"{label!r}: {PREVIOUS} needs --previous ACCURACY_JSON")
+    if label not in old:
+        raise SystemExit(f"{label!r}: not a candidate of {path} ({', '.join(old)})")
+    c = old[label]
+    return {"dir": c["dir"], "val_auroc": c["val_auroc"], "weights": c["weights"], "sens98": c["sens98"],
+            "carried_from": str(path),
+            "test": {"metrics": c["test_metrics"], "ci": c["test_ci"], "confusion": c["confusion"]}}
+
+
 def pct_ci(ev: dict, key: str) -> str:
     v, c = ev["metrics"][key], ev["ci"][key]
     return f"{100 * v:.1f} [{100 * c['lo']:.1f}, {100 * c['hi']:.1f}]"
@@ -136,8 +162,12 @@ def main() -> int:
     singles = [default] + parse_pairs(args.single)
     seeds = parse_pairs(args.seed_preset)
     ensembles = parse_pairs(args.ensemble)
+    old = previous_candidates(args.previous)
     info: dict[str, dict] = {}
     for label, d in singles + seeds + ensembles:
+        if str(d) == PREVIOUS:
+            info[label] = carried(old, label, args.previous)
+            continue
         val, test = ensure_eval(d, "val", args.data), ensure_eval(d, "test", args.data)
         info[label] = {"dir": str(d), "val_auroc": val["metrics"]["auroc"], "test": test, "sens98": sens_point(d),
                        "weights": weights_of(d)}
@@ -163,17 +193,9 @@ def main() -> int:
         rows.append(row(best_ens, "best ensemble (by val AUROC)" if len(ensembles) > 1 else "ensemble (fixed in advance)"))
     for label, _ in seeds:
         rows.append(row(label, "seed preset"))
-    if args.previous_label:
-        old = json.loads(Path(args.previous).read_text())
-        old = old.get("results", old)["candidates"]
-        for label in args.previous_label:
-            if label not in old:
-                raise SystemExit(f"--previous-label {label!r}: not in {args.previous} ({', '.join(old)})")
-            c = old[label]
-            info[f"{args.previous_role}: {label}"] = {
-                "dir": c["dir"], "val_auroc": c["val_auroc"], "weights": c["weights"], "sens98": c["sens98"],
-                "test": {"metrics": c["test_metrics"], "ci": c["test_ci"], "confusion": c["confusion"]}}
-            rows.append(row(f"{args.previous_role}: {label}", "seed preset" if label.startswith("seed-") else "other"))
+    for label in args.previous_label:
+        info[f"{args.previous_role}: {label}"] = carried(old, label, args.previous)
+        rows.append(row(f"{args.previous_role}: {label}", "seed preset" if label.startswith("seed-") else "other"))
     for lbl, _ in singles + ensembles:
         if lbl not in (default[0], best_single, best_ens):
             rows.append(row(lbl, "other candidate"))

@@ -47,7 +47,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
     return check_command(args.data or args.data_opt, Path(args.out), manifest_out=Path(args.manifest) if args.manifest else None,
                          val_fraction=args.val_fraction, seed=args.seed, split_method=args.split,
-                         progress=_progress(args))
+                         val_source=args.val_source, progress=_progress(args))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--val-fraction", type=float, default=0.15)
     chk.add_argument("--split", choices=("random", "ordered"), default="random",
                      help="validation split method (see data.split in the config reference)")
+    chk.add_argument("--val-source", default=None, metavar="PATH",
+                     help="validate on this other labelled folder or CSV instead of a split cut from train "
+                          "(data.val_source)")
     chk.add_argument("--seed", type=int, default=0)
     chk.set_defaults(func=cmd_data_check)
 

@@ -31,6 +31,12 @@ class DataConfig(_Strict):
         "random", description="validation split: 'random' patient-grouped stratified folds (seeded), or 'ordered': "
                               "the lowest patient numbers of each class and naming series, the way the Kermany "
                               "test split was cut (pneumoscope.data.split)")
+    val_source: str | None = Field(
+        None, description="a labelled folder or CSV from elsewhere (another hospital, scanner or period) to validate "
+                          "on instead of a split cut from train: the whole train pool trains, and epochs, temperature "
+                          "and threshold are chosen on these images; its test split is never used, and train images "
+                          "sharing a patient or pixels with it are dropped (external validation; data.split and "
+                          "data.val_fraction then play no part)")
     cache_dir: str | None = None
     workers: int = Field(2, ge=1, le=64)
     limit_per_class: int | None = Field(None, ge=1, description="use at most N train images per class (smoke runs)")

@@ -31,7 +31,7 @@ def main_job(data: str | None, out: Path, *, config: str = "default", overrides:
     log.info("[1/4] data check of %s", root)
     # the check reports the same validation split the training run will cut
     check_rc = check_command(str(root), out / "data_check", val_fraction=cfg.data.val_fraction, seed=cfg.seed,
-                             split_method=cfg.data.split, progress=progress)
+                             split_method=cfg.data.split, val_source=cfg.data.val_source, progress=progress)
     # Training and evaluation read the data check's manifest instead of scanning (and decoding
     # every image) again; it is re-split there by the run's own seed and split method.
     manifest_path = out / "data_check" / "manifest.parquet"

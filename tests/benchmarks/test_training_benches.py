@@ -109,3 +109,50 @@ def test_texture_swap_moves_each_class_to_the_other_classes_texture(data_root) -
     assert out.shape == u8.shape and out.dtype == np.uint8
     assert hf(out[y == 0]) < 0.8 * hf(normal) and hf(out[y == 1]) > 1.2 * hf(pneu)
     assert len(tex.low_level_features(normal[0])) == 8
+
+
+def _fake_run(d: Path, y_val: np.ndarray, p_val: np.ndarray, y_test: np.ndarray, p_test: np.ndarray) -> Path:
+    """A finished run as bench_accuracy reads it: config.yaml and eval/{val,test}/{metrics.json,predictions.csv}."""
+    from pneumoscope.evaluate.metrics import binary_metrics
+
+    for split, y, p in (("val", y_val, p_val), ("test", y_test, p_test)):
+        _predictions(d / "eval" / split, y, p)
+        m = binary_metrics(y, p, 0.5)
+        ci = {k: {"lo": m[k] - 0.01, "hi": min(m[k] + 0.01, 1.0)} for k in ("accuracy", "sensitivity", "specificity",
+                                                                           "auroc")}
+        (d / "eval" / split / "metrics.json").write_text(json.dumps({
+            "metrics": m, "ci": ci, "confusion": [[m["tn"], m["fp"]], [m["fn"], m["tp"]]]}))
+    (d / "config.yaml").write_text("model: {name: cnn3, pretrained: false}\n")
+    return d
+
+
+def test_accuracy_table_carries_rows_of_an_earlier_table_unchanged(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """LABEL=@previous keeps a candidate whose run directory is gone; live runs are evaluated beside it."""
+    acc = _load("bench_accuracy")
+    rng = np.random.default_rng(1)
+    yv, yt = np.r_[np.zeros(50, int), np.ones(100, int)], np.r_[np.zeros(40, int), np.ones(60, int)]
+    run_a = _fake_run(tmp_path / "a", yv, np.clip(yv * 0.6 + rng.uniform(0, 0.4, 150), 0, 1), yt,
+                      np.clip(yt * 0.3 + rng.uniform(0, 0.7, 100), 0, 1))
+    run_n = _fake_run(tmp_path / "n", yv, np.clip(yv * 0.5 + rng.uniform(0, 0.5, 150), 0, 1), yt,
+                      rng.uniform(0, 1, 100))
+    results = tmp_path / "results"
+
+    def table(*argv: str) -> dict:
+        monkeypatch.setattr(sys, "argv", ["bench_accuracy.py", "--data", str(tmp_path), "--results-dir",
+                                          str(results), *argv])
+        assert acc.main() == 0
+        return json.loads((results / f"{argv[argv.index('--out-name') + 1]}.json").read_text())["results"]
+
+    first = table("--out-name", "first", "--default", f"A={run_a}")
+    second = table("--out-name", "second", "--default", "A=@previous", "--seed-preset", f"seed-new={run_n}",
+                   "--previous", str(results / "first.json"), "--best-single", "A")
+    a1, a2 = first["candidates"]["A"], second["candidates"]["A"]
+    assert a2["test_metrics"] == a1["test_metrics"] and a2["sens98"] == a1["sens98"] and a2["dir"] == str(run_a)
+    assert a2["carried_from"] == str(results / "first.json") and "carried_from" not in second["candidates"]["seed-new"]
+    assert second["candidates"]["seed-new"]["test_metrics"]["auroc"] != a1["test_metrics"]["auroc"]
+    md = (results / "second.md").read_text()
+    assert "| pneumoscope default: A |" in md and "| seed preset: seed-new |" in md
+    with pytest.raises(SystemExit, match="not a candidate"):
+        table("--out-name", "third", "--default", "B=@previous", "--previous", str(results / "first.json"))
+    with pytest.raises(SystemExit, match="needs --previous"):
+        table("--out-name", "third", "--default", "A=@previous")

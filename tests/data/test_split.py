@@ -213,3 +213,93 @@ def test_ordered_split_keeps_every_stratum_in_train_and_rejects_unknown_methods(
     assert out["split"].tolist() == ["val", "val", "train", "train"]  # the lone pneumonia patient stays in train
     with pytest.raises(ConfigError, match="split method"):
         patient_split(manifest, method="temporal")
+
+
+# ------------------------------------------------------------------ external validation (data.val_source)
+def _link(dst: Path, files: list[Path]) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for src in files:
+        (dst / src.name).symlink_to(src)
+
+
+@pytest.fixture()
+def external_folder(tmp_path: Path, data_root: Path, pick) -> Path:  # noqa: ANN001
+    """A class-folder dataset of real images from *other* patients than ``small_kermany``'s train:
+    6 normal and 6 pneumonia films taken from further down the sorted train folders."""
+    root = tmp_path / "external"
+    _link(root / "NORMAL", pick(data_root, "train", "NORMAL", 40)[30:36])
+    _link(root / "PNEUMONIA", pick(data_root, "train", "PNEUMONIA", 40, "bacteria")[30:36])
+    return root
+
+
+def test_external_split_trains_on_the_whole_pool_and_validates_on_the_other_dataset(
+        small_kermany: Path, external_folder: Path) -> None:
+    from pneumoscope.data.scan import scan_dataset
+    from pneumoscope.data.split import external_split
+
+    base = scan_dataset(small_kermany, progress=False)
+    out = external_split(base, scan_dataset(external_folder, progress=False)).df
+    ext = out["path"].str.startswith(str(external_folder))
+    assert ext.sum() == 12 and (out.loc[ext, "split"] == "val").all()
+    pool = base.df[base.df["official_split"] == "train"]
+    assert set(out.loc[out["split"] == "train", "path"]) == set(pool["path"])  # nothing of the pool held out
+    assert (out.loc[out["official_split"] == "test", "split"] == "test").all()
+    assert set(out.loc[out["official_split"] == "test", "path"]) == set(base.df.loc[base.df["official_split"] == "test",
+                                                                                 "path"])
+    again = external_split(Manifest(out, base.root, base.layout, base.class_names),
+                           scan_dataset(external_folder, progress=False)).df
+    assert len(again) == len(out) and (again.sort_values("path")["split"].to_numpy()
+                                       == out.sort_values("path")["split"].to_numpy()).all()
+
+
+def test_external_split_drops_train_images_that_leak_into_validation(
+        small_kermany: Path, external_folder: Path, caplog) -> None:  # noqa: ANN001
+    """A file of the train pool (same bytes) and another film of a train patient make the external
+    set not external: those train images go, with a warning; the external test split is never used."""
+    from pneumoscope.data.scan import scan_dataset
+    from pneumoscope.data.split import external_split
+
+    ext = external_folder.parent / "external_kermany"  # train/ and test/ folders this time
+    for cls in ("NORMAL", "PNEUMONIA"):
+        _link(ext / "train" / cls, [f.resolve() for f in sorted((external_folder / cls).iterdir())])
+    same_file = sorted((small_kermany / "train" / "NORMAL").iterdir())[0]
+    (ext / "train" / "NORMAL" / "copy.jpeg").symlink_to(same_file.resolve())  # no patient id in this name
+    train_bact = sorted((small_kermany / "train" / "PNEUMONIA").glob("*bacteria*"))
+    patient = train_bact[0].name.split("_")[0]
+    base = scan_dataset(small_kermany, progress=False)
+    of_patient = base.df[(base.df["patient_id"] == patient) & (base.df["official_split"] == "train")]
+    (ext / "train" / "PNEUMONIA" / f"{patient}_bacteria_99999.jpeg").symlink_to(
+        sorted((external_folder / "PNEUMONIA").iterdir())[0].resolve())
+    # a train image in the external set's *test* folder: never used, so it takes nothing from train
+    _link(ext / "test" / "NORMAL", [sorted((small_kermany / "train" / "NORMAL").iterdir())[1].resolve()])
+    caplog.set_level("INFO", logger="pneumoscope.data.split")
+    out = external_split(base, scan_dataset(ext, progress=False)).df
+    assert not out["path"].str.startswith(str(ext / "test")).any()
+    train = out[out["split"] == "train"]
+    assert not train["content_hash"].isin(out.loc[out["split"] == "val", "content_hash"]).any()
+    assert patient not in set(train["patient_id"]) and len(of_patient) >= 1
+    dropped = len(base.df[base.df["official_split"] == "train"]) - len(train)
+    assert dropped == 1 + len(of_patient)
+    assert f"{dropped} train images share a patient" in caplog.text
+
+
+def test_external_split_refuses_what_would_not_be_external(small_kermany: Path, external_folder: Path,
+                                                           tmp_path: Path) -> None:
+    from pneumoscope.data.scan import scan_dataset
+    from pneumoscope.data.split import validation_split
+
+    base = scan_dataset(small_kermany, progress=False)
+    with pytest.raises(DatasetError, match="is the training data itself"):
+        validation_split(base, val_source=small_kermany)
+    with pytest.raises(DatasetError, match="no such folder or CSV"):
+        validation_split(base, val_source=tmp_path / "missing")
+    only_test = tmp_path / "only_test"
+    _link(only_test / "test" / "NORMAL", sorted((external_folder / "NORMAL").iterdir())[:2])
+    _link(only_test / "test" / "PNEUMONIA", sorted((external_folder / "PNEUMONIA").iterdir())[:2])
+    with pytest.raises(DatasetError, match="outside its test split"):
+        validation_split(base, val_source=only_test)
+    wrong = tmp_path / "wrong_classes"
+    _link(wrong / "COVID", sorted((external_folder / "PNEUMONIA").iterdir())[:2])
+    _link(wrong / "NORMAL", sorted((external_folder / "NORMAL").iterdir())[:2])
+    with pytest.raises(DatasetError, match="do not match"):
+        validation_split(base, val_source=wrong)

@@ -59,3 +59,13 @@ def test_dataset_section_renders_the_data_check_as_html_tables(small_kermany, tm
     assert "<td>train</td>" in section and "<strong>all</strong>" in section
     assert "a&lt;i&gt;b&amp;c.jpeg" in section and "<i>" not in section
     assert section.count("data:image/png;base64,") == 3
+
+
+def test_model_card_says_how_the_validation_set_was_made() -> None:
+    from pneumoscope.report.html import validation_description
+
+    assert "external" in validation_description({"val_split": {"method": "external", "val_source": "/data/<b>"}})
+    assert "&lt;b&gt;" in validation_description({"val_split": {"method": "external", "val_source": "/data/<b>"}})
+    assert "temporal" in validation_description({"val_split": {"method": "ordered", "val_fraction": 0.15}})
+    plain = validation_description({"val_split": {"method": "random", "val_fraction": 0.15}})
+    assert "by patient" in plain and "temporal" not in plain and plain == validation_description({})

@@ -274,3 +274,34 @@ def test_missing_class_in_a_split_is_a_clear_error(tmp_path, small_kermany):
         f.unlink()
     with pytest.raises(DatasetError, match="no images of class NORMAL"):
         _run([], tmp_path / "run", small_kermany, tmp_path / "cache")
+
+
+def test_external_validation_set_chooses_on_images_from_elsewhere(tmp_path, small_kermany, data_root):
+    """data.val_source: the whole train pool trains; validation, threshold and `evaluate --split val`
+    use the other dataset's images, and model.json says so."""
+    from pneumoscope.evaluate.run import evaluate_model
+
+    ext = tmp_path / "external"
+    for cls, contains in (("NORMAL", ""), ("PNEUMONIA", "virus")):
+        (ext / cls).mkdir(parents=True)
+        for src in sorted(p for p in (data_root / "train" / cls).iterdir() if contains in p.name)[40:48]:
+            (ext / cls / src.name).symlink_to(src)
+    run = tmp_path / "run"
+    cfg = load_config("smoke", ["preprocess.size=48", "train.batch_size=16", f"data.val_source={ext}"])
+    fit(cfg, run, data_root=small_kermany, cache_root=tmp_path / "cache", progress=False)
+    split = pd.read_csv(run / "split.csv")
+    val, train = split[split.split == "val"], split[split.split == "train"]
+    assert len(val) == 16 and val["path"].str.startswith(str(ext)).all()
+    assert len(train) == 48 and train["path"].str.startswith(str(small_kermany / "train")).all()
+    meta = json.loads((resolve_checkpoint(run / "checkpoints", "best") / "model.json").read_text())
+    assert meta["val_split"] == {"method": "external", "val_source": str(ext.resolve())}
+    assert meta["val_counts"] == [8, 8]
+    res = evaluate_model(run, small_kermany, split="val", out=tmp_path / "eval_val", tta=0, bootstrap=0,
+                         cache_root=tmp_path / "cache", progress=False)
+    assert res["n_images"] == 16
+    preds = pd.read_csv(tmp_path / "eval_val" / "predictions.csv")
+    assert set(preds["path"]) == set(val["path"])
+    assert res["metrics"]["auroc"] == pytest.approx(meta["val_metrics"]["auroc"], abs=1e-6)
+    test = evaluate_model(run, small_kermany, split="test", out=tmp_path / "eval_test", tta=0, bootstrap=0,
+                          cache_root=tmp_path / "cache", progress=False)
+    assert test["n_images"] == 12

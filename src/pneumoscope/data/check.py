@@ -32,7 +32,7 @@ from pneumoscope.data.manifest import Manifest, split_sort_key
 from pneumoscope.data.names import naming_series
 from pneumoscope.data.paths import resolve_data_root
 from pneumoscope.data.scan import scan_dataset
-from pneumoscope.data.split import patient_split
+from pneumoscope.data.split import validation_split
 from pneumoscope.errors import DatasetError, ImageDecodeError
 from pneumoscope.utils.io import atomic_path, atomic_write_json, atomic_write_text
 
@@ -458,6 +458,7 @@ def check_command(
     seed: int = 0,
     *,
     split_method: str = "random",
+    val_source: str | None = None,
     progress: bool = True,
     workers: int = 2,
 ) -> int:
@@ -470,8 +471,11 @@ def check_command(
     root = resolve_data_root(data)
     manifest = scan_dataset(root, progress=progress, workers=workers)
     try:
-        manifest = patient_split(manifest, val_fraction=val_fraction, seed=seed, method=split_method)
+        manifest = validation_split(manifest, val_fraction=val_fraction, seed=seed, method=split_method,
+                                    val_source=val_source, progress=progress, workers=workers)
     except DatasetError as err:
+        if val_source is not None:  # asked for by name: a bad external set stops the check
+            raise
         logger.warning("no validation split cut: %s", err)
     manifest.save(Path(manifest_out) if manifest_out else out / "manifest.parquet")
     report = run_check(manifest, out)

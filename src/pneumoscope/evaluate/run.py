@@ -119,6 +119,9 @@ def split_of(meta: dict) -> dict:
     """``load_manifest`` arguments that re-cut a model's own validation split from its ``model.json``
     (models from before ``val_split`` was recorded used the random 15 % split)."""
     val_split = meta.get("val_split") or {}
+    if val_split.get("val_source"):  # external validation (data.val_source)
+        return {"val_fraction": 0.15, "seed": int(meta.get("seed", 0)), "method": "random",
+                "val_source": str(val_split["val_source"])}
     return {"val_fraction": float(val_split.get("val_fraction", 0.15)), "seed": int(meta.get("seed", 0)),
             "method": str(val_split.get("method", "random"))}
 

@@ -83,6 +83,18 @@ def _section(title: str, body: str) -> str:
     return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{body}</section>'
 
 
+def validation_description(meta: dict) -> str:
+    """How the model's validation set was made (``model.json``'s ``val_split``), in a sentence."""
+    vs = meta.get("val_split") or {}
+    if vs.get("val_source"):
+        return (f"The validation set is external: the labelled images of {html.escape(str(vs['val_source']))} "
+                "(its test split unused); the whole official train split trained.")
+    if vs.get("method") == "ordered":
+        return ("The validation split is cut from the official train split by patient: the earliest patient numbers "
+                "of each naming series (a temporal split).")
+    return "The validation split is cut from the official train split by patient."
+
+
 def model_card_html(meta: dict, ev: dict | None) -> str:
     m = meta.get("model", {})
     card = m.get("card", {})
@@ -100,7 +112,7 @@ def model_card_html(meta: dict, ev: dict | None) -> str:
                 "diagnosis.</b></p>"
                 "<p><b>Data:</b> Kermany et al. (Cell 2018; Mendeley doi:10.17632/rscbjbr9sj.2, CC BY 4.0): pediatric "
                 "(1–5 years) anterior-posterior chest X-rays from Guangzhou Women and Children's Medical Center. "
-                "The validation split is cut from the official train split by patient.</p>"
+                f"{validation_description(meta)}</p>"
                 "<p><b>Limits:</b> one hospital, children only, images downsampled to 224 px; labels are per image from "
                 "the dataset, not from a reference standard; the official test split is known to differ in "
                 "distribution from train (more borderline normals), so thresholds chosen on validation may not "
@@ -185,10 +197,10 @@ def operating_point_html(ev: dict) -> str:
     extra = f" On validation it gave sensitivity {ach.get('sensitivity'):.3f} and specificity {ach.get('specificity'):.3f}." if ach.get("sensitivity") is not None else ""
     if len(ev.get("class_names") or []) > 2:  # no threshold: the most probable class wins
         return (f"<p>Decision: the <b>argmax</b> of the calibrated softmax over {len(ev['class_names'])} classes, no "
-                f"threshold. Temperature T = {ev['temperature']:.3f} (fitted on the patient-grouped validation "
-                f"split at training time and applied unchanged to the {html.escape(ev['split'])} split).</p>")
+                f"threshold. Temperature T = {ev['temperature']:.3f} (fitted on the validation "
+                f"set at training time and applied unchanged to the {html.escape(ev['split'])} split).</p>")
     return (f"<p>Decision threshold <b>{t['value']:.4f}</b> on the calibrated P(positive), chosen by <b>{html.escape(str(desc))}</b> "
-            f"on the patient-grouped validation split at training time and applied unchanged to the {html.escape(ev['split'])} split.{extra} "
+            f"on the validation set at training time and applied unchanged to the {html.escape(ev['split'])} split.{extra} "
             f"Temperature T = {ev['temperature']:.3f} (fitted on validation).</p>")
 
 

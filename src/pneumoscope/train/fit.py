@@ -70,14 +70,16 @@ class PreparedData:
 
 
 def load_manifest(data_root: str | Path, *, val_fraction: float, seed: int, progress: bool,
-                  workers: int = 2, require_split: bool = True, method: str = "random") -> Manifest:
-    """Scan a dataset (or read a saved manifest file) and cut the patient-grouped validation split.
+                  workers: int = 2, require_split: bool = True, method: str = "random",
+                  val_source: str | None = None) -> Manifest:
+    """Scan a dataset (or read a saved manifest file) and cut the patient-grouped validation split,
+    or, with ``val_source``, take the validation set from that other dataset (external validation).
 
     With ``require_split=False`` (evaluation of an external or test-only dataset) a dataset whose
     train pool cannot be split is returned as scanned.
     """
     from pneumoscope.data.scan import scan_dataset
-    from pneumoscope.data.split import patient_split
+    from pneumoscope.data.split import validation_split
 
     p = Path(data_root)
     if p.is_file() and p.suffix in (".parquet",) or p.name.endswith(".manifest.csv"):
@@ -85,7 +87,8 @@ def load_manifest(data_root: str | Path, *, val_fraction: float, seed: int, prog
     else:
         manifest = scan_dataset(p, progress=progress, workers=workers)
     try:
-        return patient_split(manifest, val_fraction=val_fraction, seed=seed, method=method)
+        return validation_split(manifest, val_fraction=val_fraction, seed=seed, method=method, val_source=val_source,
+                                progress=progress, workers=workers)
     except DatasetError as err:
         if require_split:
             raise
@@ -127,7 +130,8 @@ def prepare_data(cfg: RunConfig, data_root: str | Path, *, cache_root: Path, pro
     """Manifest → task labels → train/val rows → cached uint8 images (test rows are never touched)."""
     if manifest is None:
         manifest = load_manifest(data_root, val_fraction=cfg.data.val_fraction, seed=cfg.seed,
-                                 progress=progress and dist.is_main, workers=cfg.data.workers, method=cfg.data.split)
+                                 progress=progress and dist.is_main, workers=cfg.data.workers, method=cfg.data.split,
+                                 val_source=cfg.data.val_source)
     df = manifest.df.reset_index(drop=True)
     mask, y, class_names = task_labels(df, cfg.task)
     rows = df[mask].assign(y=y)
@@ -234,6 +238,16 @@ def _attach_log(run_dir: Path) -> logging.Handler:
     return handler
 
 
+def val_split_meta(cfg: RunConfig) -> dict:
+    """How the run's validation set was made, as ``model.json`` records it (read back by
+    :func:`pneumoscope.evaluate.run.split_of`)."""
+    if cfg.data.val_source:
+        from pneumoscope.data.split import EXTERNAL
+
+        return {"method": EXTERNAL, "val_source": str(Path(cfg.data.val_source).resolve())}
+    return {"method": cfg.data.split, "val_fraction": cfg.data.val_fraction}
+
+
 def checkpoint_meta(model: nn.Module, *, cfg: RunConfig, class_names: list[str], spec: PreprocessSpec,
                     input_size: int, extra: dict | None = None) -> dict:
     """The ``model.json`` of a checkpoint: everything inference needs, no code."""
@@ -244,7 +258,7 @@ def checkpoint_meta(model: nn.Module, *, cfg: RunConfig, class_names: list[str],
         "model": model_spec(model), "task": cfg.task, "class_names": class_names,
         "output": "sigmoid" if model.num_classes == 1 else "softmax",
         "preprocess": {**spec.to_dict(), "size": input_size}, "run_name": cfg.name, "seed": cfg.seed,
-        "val_split": {"method": cfg.data.split, "val_fraction": cfg.data.val_fraction},
+        "val_split": val_split_meta(cfg),
         "pretrained_source": getattr(model, "pretrained_source", None), **(extra or {}),
     }
 
