@@ -36,11 +36,24 @@ outputs), so ``softmax(logits) = p`` everywhere a logit-based code path runs.
 The operating threshold is fitted on the ensemble's probabilities of the shared validation split,
 by the members' threshold rule. Members must therefore share that split: their ``split.csv``
 validation images (content hashes) and patients must be identical, otherwise some member would
-have trained on images the threshold is chosen on. Members must also share the task, class names
-and preprocessing (size, resize mode, CLAHE, blur), because one cached uint8 image feeds every
-member; they may differ in architecture, normalisation (mean/std), channel count and output type
-(sigmoid or softmax): each member applies its own :class:`~pneumoscope.data.presets.EvalPreset`
-to the shared uint8 image. Anything else is refused with an error naming the run.
+have trained on images the threshold is chosen on. Members must also share the task, the class
+names and the resize mode (``squash`` or ``pad``). They may differ in architecture,
+normalisation (mean/std), channel count, output type (sigmoid or softmax) and the rest of the
+preprocessing (input size, CLAHE, blur). Anything else is refused with an error naming the run.
+
+Input. One uint8 image feeds every member (one cache, one decode per file in ``predict`` and
+``serve``): with identical member preprocessing it is exactly theirs; otherwise it is the
+ensemble's own ``preprocess`` (:func:`input_spec`: the largest member size, the common resize
+mode, no CLAHE, no blur), and :func:`member_input` makes each member's image from it: a resize to
+the member's size, then the member's CLAHE and blur, in the order of
+:func:`pneumoscope.data.preprocess.preprocess`. For a member at the ensemble's size this is that
+member's own preprocessing, bit for bit. A smaller member's image is resized twice (original →
+largest size → its size), which differs from its own single resize by interpolation: on the
+full-resolution sample films, 224 → 150 px against a direct 150 px resize differs by 0.67 grey
+levels on average (99th percentile 4). Images already at the largest size (the shared Kermany
+copy is 224 px) are resized once, exactly as the member's own preprocessing does.
+Such an ensemble cannot be one ONNX graph (CLAHE is no ONNX operator): ``export`` refuses it with
+one line and the members can be exported one by one.
 """
 
 from __future__ import annotations
@@ -93,6 +106,32 @@ def _val_metric(meta: dict) -> float | None:
     vm = meta.get("val_metrics") or {}
     v = vm.get("auroc", vm.get("macro_auroc"))
     return None if v is None else float(v)
+
+
+# --------------------------------------------------------------------------------------------
+# the shared input
+
+
+def input_spec(specs: Sequence[PreprocessSpec]) -> PreprocessSpec:
+    """The preprocessing of the one image every member is fed from (module docstring)."""
+    if all(sp == specs[0] for sp in specs):
+        return specs[0]
+    modes = {sp.resize for sp in specs}
+    if len(modes) > 1:
+        raise ModelError(f"ensemble members use different resize modes {sorted(modes)}; one input image cannot "
+                         "serve both (squash stretches the film, pad keeps its aspect ratio)")
+    return PreprocessSpec(size=max(sp.size for sp in specs), resize=modes.pop())
+
+
+def member_input(u8: torch.Tensor, base: PreprocessSpec, spec: PreprocessSpec) -> torch.Tensor:
+    """A member's uint8 images (N, s, s) from the ensemble's (N, S, S): resize, then its CLAHE and blur."""
+    from pneumoscope.data.preprocess import enhance, resize_gray
+
+    if spec == base:
+        return u8
+    images = u8.cpu().numpy()
+    out = [enhance(resize_gray(im, spec.size, "squash") if spec.size != base.size else im, spec) for im in images]
+    return torch.from_numpy(np.stack(out)) if out else torch.zeros((0, spec.size, spec.size), dtype=torch.uint8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,8 +251,8 @@ class EnsemblePredictor(Predictor):
         return f"{self.meta['model'].get('name')}:{self.meta.get('run_name', 'ensemble')}"
 
     def member_probs(self, u8: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-        """(M, N, C) calibrated probabilities of each member."""
-        return np.stack([m.predict_u8(u8, batch_size).probs for m in self.members])
+        """(M, N, C) calibrated probabilities of each member, each on its own preprocessing of ``u8``."""
+        return np.stack([m.predict_u8(member_input(u8, self.spec, m.spec), batch_size).probs for m in self.members])
 
     def predict_u8(self, u8: torch.Tensor, batch_size: int = 64) -> Prediction:
         probs = np.tensordot(self.weights, self.member_probs(u8, batch_size).astype(np.float64), axes=1)
@@ -227,12 +266,17 @@ class EnsemblePredictor(Predictor):
         """Mean of the members' CAMs (each on its own input, resized to the image): (N, S, S) in [0, 1]."""
         from pneumoscope.explain.cam import ensemble_cam
 
-        xs = [m.preset(u8.unsqueeze(1)).to(m.device) for m in self.members]
-        return ensemble_cam([m.model for m in self.members], xs, target, method)
+        xs = [m.preset(member_input(u8, self.spec, m.spec).unsqueeze(1)).to(m.device) for m in self.members]
+        return ensemble_cam([m.model for m in self.members], xs, target, method, out_size=tuple(u8.shape[-2:]))
 
     def export_module(self) -> EnsembleModule:
         """A contiguous-format copy of :class:`EnsembleModule` for tracing (the predictor's members stay as they are)."""
         import copy
+
+        own = [m.meta.get("run_name") or str(i) for i, m in enumerate(self.members) if m.spec != self.spec]
+        if own:
+            raise ModelError(f"{self.source_dir}: members {', '.join(own)} preprocess their input themselves (another "
+                             "size, CLAHE or blur), which one ONNX graph cannot do; export the members one by one")
 
         module = copy.deepcopy(self.model).float().eval()
         return module.to(memory_format=torch.contiguous_format)
@@ -283,11 +327,10 @@ def _check_compatible(members: list[dict]) -> None:
             raise ModelError(f"{name}: task {mm.get('task')!r} differs from {ref['run']}'s {rm.get('task')!r}")
         if list(mm["class_names"]) != list(rm["class_names"]):
             raise ModelError(f"{name}: classes {mm['class_names']} differ from {ref['run']}'s {rm['class_names']}")
-        if dict(mm["preprocess"]) != dict(rm["preprocess"]):
-            diff = {k: (rm["preprocess"].get(k), mm["preprocess"].get(k)) for k in set(rm["preprocess"]) | set(mm["preprocess"])
-                    if rm["preprocess"].get(k) != mm["preprocess"].get(k)}
-            raise ModelError(f"{name}: preprocessing differs from {ref['run']}'s ({diff}); ensemble members share one "
-                             "input image, so train them at the same size/resize/CLAHE/blur")
+        if mm["preprocess"].get("resize", "squash") != rm["preprocess"].get("resize", "squash"):
+            raise ModelError(f"{name}: resize mode {mm['preprocess'].get('resize')!r} differs from {ref['run']}'s "
+                             f"{rm['preprocess'].get('resize')!r}; ensemble members are fed from one image, which "
+                             "cannot be both squashed and padded")
         hashes, patients = set(m["val"]["content_hash"]), set(m["val"]["patient_id"].astype(str))
         if hashes != ref_hashes or patients != ref_patients:
             raise DatasetError(
@@ -370,7 +413,8 @@ def build_ensemble(runs: Sequence[str | Path], out: str | Path, *, rule: str = "
             "model": {"name": f"ensemble({'+'.join(model_names)})", "card": ref["model"].get("card"),
                       "in_chans": ref["model"].get("in_chans"), "num_classes": len(class_names)},
             "task": ref.get("task"), "class_names": class_names, "output": "softmax",
-            "preprocess": ref["preprocess"], "run_name": out.name, "seed": ref.get("seed", 0),
+            "preprocess": input_spec([PreprocessSpec(**dict(i["meta"]["preprocess"])) for i in infos]).to_dict(),
+            "run_name": out.name, "seed": ref.get("seed", 0),
             "temperature": 1.0, "threshold": None,
             "ensemble": {"format": ENSEMBLE_FORMAT, "rule": rule,
                          "weight_metric": "validation AUROC - 0.5 (clipped at 0)" if rule == "val_weighted" else None,

@@ -76,7 +76,12 @@ def preprocess(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY) if img.shape[2] == 3 else img[..., 0]
     if img.dtype != np.uint8:
         raise ValueError(f"preprocess expects uint8, got {img.dtype}")
-    out = resize_gray(np.ascontiguousarray(img), spec.size, spec.resize)
+    return enhance(resize_gray(np.ascontiguousarray(img), spec.size, spec.resize), spec)
+
+
+def enhance(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The steps of :func:`preprocess` after the resize: ``spec``'s CLAHE, then its Gaussian blur."""
+    out = img
     if spec.clahe:
         clahe = cv2.createCLAHE(clipLimit=spec.clahe_clip, tileGridSize=(spec.clahe_grid, spec.clahe_grid))
         out = clahe.apply(out)

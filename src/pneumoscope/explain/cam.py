@@ -251,11 +251,13 @@ def ensemble_cam(
     method: str = "gradcam",
     *,
     batch_size: int = 16,
+    out_size: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Mean of the members' CAMs ``(N, H, W)`` in [0, 1].
 
     ``x`` is one input tensor shared by all members, or one per member (members with different
-    normalisation or input size); every member's CAM is resized to the first member's input size.
+    normalisation or input size); every member's CAM is resized to ``out_size`` (default: the first
+    member's input size).
     With ``target_class=None`` each member explains its own predicted class; pass the ensemble's
     decision to explain one class. The mean is not re-normalised, so its peak is below 1 where the
     members disagree about where to look.
@@ -265,7 +267,7 @@ def ensemble_cam(
     xs = [x] * len(models) if isinstance(x, torch.Tensor) else list(x)
     if len(xs) != len(models):
         raise ValueError(f"got {len(xs)} inputs for {len(models)} models")
-    h, w = xs[0].shape[-2:]
+    h, w = out_size or xs[0].shape[-2:]
     total: np.ndarray | None = None
     for model, xi in zip(models, xs):
         cams = compute_cams(model, xi, target_class, method, batch_size=batch_size)
