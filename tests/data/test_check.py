@@ -140,3 +140,33 @@ def test_full_real_dataset(real_manifest: Manifest, tmp_path: Path) -> None:
     assert (overlap["n"], overlap["n_likely_same_patient"], overlap["by_splits"]) == (264, 0, {"train/test": 264})
     assert patients["overlap_split"]["n_likely_same_patient"] == 0
     assert not has_problems(report)
+
+
+def test_data_check_with_an_external_validation_set_is_the_split_training_uses(
+        small_kermany: Path, data_root: Path, tmp_path: Path) -> None:
+    """`data check --val-source` saves the split the main job trains on; training from that manifest
+    applies the same external split again without duplicating the external rows."""
+    import pandas as pd
+
+    from pneumoscope.cli import main
+    from pneumoscope.config import load_config
+    from pneumoscope.train.fit import fit
+
+    ext = tmp_path / "external"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (ext / cls).mkdir(parents=True)
+        for src in sorted((data_root / "train" / cls).iterdir())[60:66]:
+            (ext / cls / src.name).symlink_to(src)
+    out = tmp_path / "check"
+    assert main(["data", "check", str(small_kermany), "--out", str(out), "--val-source", str(ext)]) in (0, 1)
+    saved = Manifest.load(out / "manifest.parquet").df
+    val = saved[saved["split"] == "val"]
+    assert len(val) == 12 and val["path"].str.startswith(str(ext)).all()
+    assert (saved.loc[saved["official_split"] == "train", "split"].isin(["train", "val"])).all()
+    cfg = load_config("smoke", ["preprocess.size=32", "train.batch_size=16", f"data.val_source={ext}"])
+    fit(cfg, tmp_path / "run", data_root=out / "manifest.parquet", cache_root=tmp_path / "cache", progress=False)
+    split = pd.read_csv(tmp_path / "run" / "split.csv")
+    assert sorted(split.loc[split["split"] == "val", "path"]) == sorted(val["path"])
+    assert set(split.loc[split["split"] == "train", "path"]) == set(saved.loc[saved["split"] == "train", "path"])
+    assert main(["data", "check", str(small_kermany), "--out", str(tmp_path / "bad"), "--val-source",
+                 str(small_kermany)]) == 2
