@@ -1,23 +1,25 @@
 #!/bin/bash
 # The accuracy table of benchmarks/results/accuracy.md (run from the repository root; see README step 13).
-# Inputs, made first (2-core CPU, about 40 min in all):
-#   PYTHONPATH=src python benchmarks/bench_main_job.py --data ../shared/data/chest_xray --out out/bench_main_tuned
-#   pneumoscope run --config experiments/candidates/ordered/default.yaml --out out/r2_default   (round 2, not adopted)
-#   pneumoscope train --config seed-efficientnet --set model.name=efficientnet_lite0 --out out/seeds/seed-efficientnet
-#   pneumoscope train --config seed-cnn5-focal --out out/seeds/seed-cnn5-focal      (~80 min here)
-# Rows of earlier sessions whose run directories are gone come from the committed accuracy.json of
-# commit dadff83 (their figures are TTA-8 means, from before single-pass evaluation).
+# This session's one new row is the seed-resnet50 preset (random init: no offline ResNet weights), made by:
+#   pneumoscope train --config seed-resnet50 --set model.pretrained=false --out out/seeds/seed-resnet50
+#   (stopped after 6 of its 10 epochs for CPU time, about 13 min an epoch here, then finished with
+#    pneumoscope train --resume out/seeds/seed-resnet50 --set train.phases.0.epochs=6)
+# Every other row is carried over unchanged (LABEL=@previous) from the table of commit ed6bcc8, whose run
+# directories are gone: its command is in that accuracy.json; rows marked "earlier session (TTA-8 mean)" are
+# older still (commit dadff83) and are TTA-8 means from before single-pass evaluation.
 set -e
 export PYTHONPATH=src
-git show dadff83:benchmarks/results/accuracy.json > /tmp/accuracy_previous.json
-python benchmarks/bench_accuracy.py --data ../shared/data/chest_xray \
-  --default "default, main-job run of 2026-12-01=out/bench_main_tuned/runs/default" \
-  --single "bundled model (same recipe, 3-channel input)=src/pneumoscope/weights/default" \
-           "default recipe on the ordered validation split (round 2, not adopted)=out/r2_default/runs/default-ordered" \
-  --seed-preset "seed-efficientnet (EfficientNet-Lite0 ImageNet weights in place of B0)=out/seeds/seed-efficientnet" \
-                "seed-cnn5-focal (from scratch, as in the notebook)=out/seeds/seed-cnn5-focal" \
+git show ed6bcc8:benchmarks/results/accuracy.json > /tmp/accuracy_previous.json
+python benchmarks/bench_accuracy.py --data ../shared/data/chest_xray --previous /tmp/accuracy_previous.json \
+  --default "default, main-job run of 2026-12-01=@previous" \
+  --single "bundled model (same recipe, 3-channel input)=@previous" \
+           "default recipe on the ordered validation split (round 2, not adopted)=@previous" \
+           "earlier session (TTA-8 mean): v2 variant (5 views, LS 0.1, wd 0.05)=@previous" \
+           "earlier session (TTA-8 mean): mean of the 4 default-family runs=@previous" \
+  --seed-preset "seed-efficientnet (EfficientNet-Lite0 ImageNet weights in place of B0)=@previous" \
+                "seed-cnn5-focal (from scratch, as in the notebook)=@previous" \
+                "earlier session (TTA-8 mean): seed-cnn3=@previous" \
+                "earlier session (TTA-8 mean): seed-resnet18 (random init: no offline ResNet weights)=@previous" \
+                "seed-resnet50 (random init: no offline ResNet weights; 6 of 10 epochs)=out/seeds/seed-resnet50" \
   --best-single "default, main-job run of 2026-12-01" \
-  --previous /tmp/accuracy_previous.json \
-  --previous-label "seed-cnn3" --previous-label "seed-resnet18 (random init: no offline ResNet weights)" \
-  --previous-label "v2 variant (5 views, LS 0.1, wd 0.05)" --previous-label "mean of the 4 default-family runs" \
-  --note "Best single = the main-job \`default\` run: \`default\` is the recipe the pre-registered rules of docs/recipe_selection.md kept; no ensemble was built this session (the one fixed in advance could not be: members must share preprocessing), so the ensemble row is the earlier session's. Seed preset not run (CPU time on 2 cores): seed-resnet50 (no offline ResNet weights; a full ResNet-50 training step runs at 4.5 img/s here, its preset trains layer3 + layer4 on cached layer2 features, about 8 img/s by their share of the MACs, so 10 epochs take about 1.5 h plus the feature pass); command: \`pneumoscope train --config seed-resnet50 --set model.pretrained=false\`."
+  --note "Rows other than seed-resnet50 are carried over unchanged from the table of commit ed6bcc8 (bench_accuracy.py LABEL=@previous; their run directories are gone). Best single = the main-job \`default\` run: \`default\` is the recipe the pre-registered rules of docs/recipe_selection.md kept. No ensemble was built in the last two sessions (the one fixed in advance, main-job default + seed-efficientnet, is buildable since 2026-12-07, when ensembles began to take members with their own preprocessing, but its runs are gone), so the ensemble row is the earlier session's. seed-resnet50: no ResNet ImageNet weights can be installed offline, so its frozen layer1-2 are random; it was stopped after 6 of its 10 epochs for CPU time (about 13 min an epoch on 2 cores), epoch and threshold chosen on validation among those."
