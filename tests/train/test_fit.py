@@ -276,7 +276,7 @@ def test_missing_class_in_a_split_is_a_clear_error(tmp_path, small_kermany):
         _run([], tmp_path / "run", small_kermany, tmp_path / "cache")
 
 
-def test_external_validation_set_chooses_on_images_from_elsewhere(tmp_path, small_kermany, data_root):
+def test_external_validation_set_chooses_on_images_from_elsewhere(tmp_path, small_kermany, data_root, caplog):
     """data.val_source: the whole train pool trains; validation, threshold and `evaluate --split val`
     use the other dataset's images, and model.json says so."""
     from pneumoscope.evaluate.run import evaluate_model
@@ -302,6 +302,9 @@ def test_external_validation_set_chooses_on_images_from_elsewhere(tmp_path, smal
     preds = pd.read_csv(tmp_path / "eval_val" / "predictions.csv")
     assert set(preds["path"]) == set(val["path"])
     assert res["metrics"]["auroc"] == pytest.approx(meta["val_metrics"]["auroc"], abs=1e-6)
+    # the test split needs no validation cut: the external set is not even looked for (it has moved away)
+    ext.rename(tmp_path / "moved")
+    caplog.set_level("INFO", logger="pneumoscope")
     test = evaluate_model(run, small_kermany, split="test", out=tmp_path / "eval_test", tta=0, bootstrap=0,
                           cache_root=tmp_path / "cache", progress=False)
-    assert test["n_images"] == 12
+    assert test["n_images"] == 12 and "no such folder" not in caplog.text

@@ -151,7 +151,10 @@ def evaluate_model(model_path: str | Path, data_root: str | Path, *, split: str 
     cache_root = Path(cache_root) if cache_root else default_cache_root()
     task, class_names = predictor.meta["task"], predictor.class_names
 
-    manifest = load_manifest(data_root, progress=progress, require_split=False, **split_of(predictor.meta))
+    cut = split_of(predictor.meta)
+    if split == "test":  # the official test rows need no validation cut: an external set is not scanned for them
+        cut.pop("val_source", None)
+    manifest = load_manifest(data_root, progress=progress, require_split=False, **cut)
     df = manifest.df.reset_index(drop=True)
     try:
         mask, y_all, ds_classes = task_labels(df, task)
