@@ -88,7 +88,8 @@ def validation_description(meta: dict) -> str:
     vs = meta.get("val_split") or {}
     if vs.get("val_source"):
         return (f"The validation set is external: the labelled images of {html.escape(str(vs['val_source']))} "
-                "(its test split unused); the whole official train split trained.")
+                "(its test split unused); the official train split trained, less any image sharing a patient or the "
+                "pixels with that set.")
     if vs.get("method") == "ordered":
         return ("The validation split is cut from the official train split by patient: the earliest patient numbers "
                 "of each naming series (a temporal split).")
